@@ -1,0 +1,98 @@
+"""GPT-2: learned positions, LayerNorm, GELU MLP, Conv1D weights stored [in, out], fused qkv."""
+
+import numpy as np
+
+from jinterp.arch.families import UnsupportedArchitecture, hf_attr, zeros
+from jinterp.config import Config
+
+MODEL_TYPES = ("gpt2",)
+PREFIXES = ("transformer.", "")
+
+
+def config(hf) -> Config:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(hf, flag, False):
+            raise UnsupportedArchitecture(f"GPT-2 with {flag}=True is not supported")
+    d, h = hf.n_embd, hf.n_head
+    return Config(
+        family="gpt2",
+        n_layers=hf.n_layer,
+        d_model=d,
+        n_heads=h,
+        n_kv_heads=h,
+        d_head=d // h,
+        d_mlp=hf_attr(hf, "n_inner", default=4 * d),
+        d_vocab=hf.vocab_size,
+        n_ctx=hf.n_positions,
+        norm="layernorm",
+        norm_eps=hf.layer_norm_epsilon,
+        positional="learned",
+        act=hf.activation_function,
+        attn_scale=(d // h) ** -0.5 if getattr(hf, "scale_attn_weights", True) else 1.0,
+        tied_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+    )
+
+
+def params(r, c: Config, hf) -> dict:
+    L, D, H, dh, F, V = c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp, c.d_vocab
+    qkv = r.stack("h.{}.attn.c_attn.weight", L, (D, 3 * D))  # [L, D, 3D], Conv1D: x @ W
+    qkv_b = r.stack("h.{}.attn.c_attn.bias", L, (3 * D,))
+    heads = lambda w: w.reshape(L, D, H, dh).transpose(0, 2, 1, 3)  # -> [L, H, D, dh]
+    W_Q, W_K, W_V = (heads(w) for w in np.split(qkv, 3, axis=-1))
+    b_Q, b_K, b_V = (b.reshape(L, H, dh) for b in np.split(qkv_b, 3, axis=-1))
+    W_E = r.get("wte.weight", (V, D))
+    ln = lambda n: {"w": r.stack(f"h.{{}}.{n}.weight", L, (D,)), "b": r.stack(f"h.{{}}.{n}.bias", L, (D,))}
+    untied = not c.tied_embeddings and r.has("lm_head.weight")
+    return {
+        "embed": {"W_E": W_E},
+        "pos_embed": {"W_pos": r.get("wpe.weight", (c.n_ctx, D))},
+        "blocks": {
+            "ln1": ln("ln_1"),
+            "ln2": ln("ln_2"),
+            "attn": {
+                "W_Q": W_Q, "W_K": W_K, "W_V": W_V, "b_Q": b_Q, "b_K": b_K, "b_V": b_V,
+                "W_O": r.stack("h.{}.attn.c_proj.weight", L, (D, D)).reshape(L, H, dh, D),
+                "b_O": r.stack("h.{}.attn.c_proj.bias", L, (D,)),
+            },
+            "mlp": {
+                "W_in": r.stack("h.{}.mlp.c_fc.weight", L, (D, F)),
+                "b_in": r.stack("h.{}.mlp.c_fc.bias", L, (F,)),
+                "W_out": r.stack("h.{}.mlp.c_proj.weight", L, (F, D)),
+                "b_out": r.stack("h.{}.mlp.c_proj.bias", L, (D,)),
+            },
+        },
+        "ln_final": {"w": r.get("ln_f.weight", (D,)), "b": r.get("ln_f.bias", (D,))},
+        "unembed": {
+            "W_U": (r.get("lm_head.weight", (V, D)) if untied else W_E).T,
+            "b_U": zeros((V,), W_E),
+        },
+    }
+
+
+def to_hf(p: dict, c: Config) -> dict:
+    """Our parameters -> HF GPT2LMHeadModel tensors (used to save the bundled models)."""
+    L, D = c.n_layers, c.d_model
+    a, m, out = p["blocks"]["attn"], p["blocks"]["mlp"], {}
+    flat = lambda w: np.asarray(w).transpose(0, 2, 1, 3).reshape(L, D, -1)  # [L,H,D,dh] -> [L,D,H*dh]
+    qkv = np.concatenate([flat(a["W_Q"]), flat(a["W_K"]), flat(a["W_V"])], -1)
+    qkv_b = np.concatenate([np.asarray(a[k]).reshape(L, -1) for k in ("b_Q", "b_K", "b_V")], -1)
+    for l in range(L):
+        pre = f"transformer.h.{l}."
+        out[pre + "attn.c_attn.weight"] = qkv[l]
+        out[pre + "attn.c_attn.bias"] = qkv_b[l]
+        out[pre + "attn.c_proj.weight"] = np.asarray(a["W_O"][l]).reshape(-1, D)
+        out[pre + "attn.c_proj.bias"] = np.asarray(a["b_O"][l])
+        out[pre + "mlp.c_fc.weight"] = np.asarray(m["W_in"][l])
+        out[pre + "mlp.c_fc.bias"] = np.asarray(m["b_in"][l])
+        out[pre + "mlp.c_proj.weight"] = np.asarray(m["W_out"][l])
+        out[pre + "mlp.c_proj.bias"] = np.asarray(m["b_out"][l])
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[pre + theirs + ".weight"] = np.asarray(p["blocks"][ours]["w"][l])
+            out[pre + theirs + ".bias"] = np.asarray(p["blocks"][ours]["b"][l])
+    out["transformer.wte.weight"] = np.asarray(p["embed"]["W_E"])
+    out["transformer.wpe.weight"] = np.asarray(p["pos_embed"]["W_pos"])
+    out["transformer.ln_f.weight"] = np.asarray(p["ln_final"]["w"])
+    out["transformer.ln_f.bias"] = np.asarray(p["ln_final"]["b"])
+    if not c.tied_embeddings:
+        out["lm_head.weight"] = np.asarray(p["unembed"]["W_U"]).T
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

@@ -1,0 +1,101 @@
+"""Llama 1/2/3: RMSNorm, gated SiLU MLP, GQA/MQA, rotary (default, linear, llama3 scaling).
+
+The mapping here is shared by the Llama-like families (Mistral, Qwen2, Qwen3, Gemma, Gemma 2),
+whose files only set their own knobs.
+"""
+
+import numpy as np
+
+from jinterp.arch.families import hf_attr, layer_windows, rope_settings, zeros
+from jinterp.config import Config
+
+MODEL_TYPES = ("llama",)
+PREFIXES = ("model.",)
+
+
+def base_config(hf, family: str, **over) -> Config:
+    d, h = hf.hidden_size, hf.num_attention_heads
+    dh = hf_attr(hf, "head_dim", default=d // h)
+    kw = dict(
+        family=family,
+        n_layers=hf.num_hidden_layers,
+        d_model=d,
+        n_heads=h,
+        n_kv_heads=hf_attr(hf, "num_key_value_heads", default=h),
+        d_head=dh,
+        d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings,
+        norm="rmsnorm",
+        norm_eps=hf.rms_norm_eps,
+        act=hf_attr(hf, "hidden_act", default="silu"),
+        gated_mlp=True,
+        tied_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        windows=layer_windows(hf, hf.num_hidden_layers),
+        **rope_settings(hf, dh),
+    )
+    kw.update(over)
+    return Config(**kw)
+
+
+def config(hf) -> Config:
+    return base_config(hf, "llama")
+
+
+def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, norms=None) -> dict:
+    """norms maps our norm names to HF layer-norm names; norm_offset folds Gemma's (1 + w) into w."""
+    L, D, H, K, dh, F, V = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp, c.d_vocab
+    att_bias = bool(getattr(hf, "attention_bias", False))
+    qkv_bias = att_bias if qkv_bias is None else qkv_bias
+    o_bias = att_bias if o_bias is None else o_bias
+    mlp_bias = bool(getattr(hf, "mlp_bias", False))
+    pre = "layers.{}."
+
+    def norm_w(name, n=D):
+        w = r.get(name, (n,)) if "{}" not in name else r.stack(name, L, (n,))
+        return (w.astype(np.float32) + norm_offset).astype(w.dtype) if norm_offset else w
+
+    def proj_in(name, n_out_heads):  # nn.Linear [heads*dh, D] -> [L, heads, D, dh]
+        w = r.stack(pre + f"self_attn.{name}.weight", L, (n_out_heads * dh, D))
+        return w.reshape(L, n_out_heads, dh, D).transpose(0, 1, 3, 2)
+
+    def bias(name, shape, present):
+        full = pre + name
+        if present:
+            return r.stack(full, L, (int(np.prod(shape)),)).reshape((L,) + shape)
+        return zeros((L,) + shape, W_E)
+
+    W_E = r.get("embed_tokens.weight", (V, D))
+    mlp_w = lambda n, shape, tr=True: r.stack(pre + f"mlp.{n}.weight", L, shape).transpose(0, 2, 1)
+    norms = norms or {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
+    blocks = {k: {"w": norm_w(pre + v + ".weight")} for k, v in norms.items()}
+    attn = {
+        "W_Q": proj_in("q_proj", H),
+        "W_K": proj_in("k_proj", K),
+        "W_V": proj_in("v_proj", K),
+        "W_O": r.stack(pre + "self_attn.o_proj.weight", L, (D, H * dh)).transpose(0, 2, 1).reshape(L, H, dh, D),
+        "b_Q": bias("self_attn.q_proj.bias", (H, dh), qkv_bias),
+        "b_K": bias("self_attn.k_proj.bias", (K, dh), qkv_bias),
+        "b_V": bias("self_attn.v_proj.bias", (K, dh), qkv_bias),
+        "b_O": bias("self_attn.o_proj.bias", (D,), o_bias),
+    }
+    if c.qk_norm:
+        attn["q_norm"] = {"w": norm_w(pre + "self_attn.q_norm.weight", dh)}
+        attn["k_norm"] = {"w": norm_w(pre + "self_attn.k_norm.weight", dh)}
+    blocks["attn"] = attn
+    blocks["mlp"] = {
+        "W_gate": mlp_w("gate_proj", (F, D)),
+        "b_gate": bias("mlp.gate_proj.bias", (F,), mlp_bias),
+        "W_in": mlp_w("up_proj", (F, D)),
+        "b_in": bias("mlp.up_proj.bias", (F,), mlp_bias),
+        "W_out": mlp_w("down_proj", (D, F)),
+        "b_out": bias("mlp.down_proj.bias", (D,), mlp_bias),
+    }
+    untied = not c.tied_embeddings or r.has("lm_head.weight")
+    W_U = r.get("lm_head.weight", (V, D)) if untied else W_E
+    return {
+        "embed": {"W_E": W_E},
+        "blocks": blocks,
+        "ln_final": {"w": norm_w("norm.weight")},
+        "unembed": {"W_U": W_U.T, "b_U": zeros((V,), W_E)},
+    }

@@ -1,0 +1,65 @@
+"""GPT-NeoX / Pythia: partial rotary, LayerNorm, parallel or sequential residual, fused per-head qkv."""
+
+from jinterp.arch.families import rope_settings, zeros
+from jinterp.config import Config
+
+MODEL_TYPES = ("gpt_neox",)
+PREFIXES = ("gpt_neox.",)
+
+
+def config(hf) -> Config:
+    d, h = hf.hidden_size, hf.num_attention_heads
+    return Config(
+        family="gpt_neox",
+        n_layers=hf.num_hidden_layers,
+        d_model=d,
+        n_heads=h,
+        n_kv_heads=h,
+        d_head=d // h,
+        d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings,
+        norm="layernorm",
+        norm_eps=hf.layer_norm_eps,
+        act=hf.hidden_act,
+        parallel_residual=bool(hf.use_parallel_residual),
+        tied_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        **rope_settings(hf, d // h),
+    )
+
+
+def params(r, c: Config, hf) -> dict:
+    L, D, H, dh, F, V = c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp, c.d_vocab
+    # query_key_value: nn.Linear(D, 3D); output features are laid out [head, (q|k|v), dh]
+    qkv = r.stack("layers.{}.attention.query_key_value.weight", L, (3 * D, D)).reshape(L, H, 3, dh, D)
+    W_Q, W_K, W_V = (qkv[:, :, i].transpose(0, 1, 3, 2) for i in range(3))  # -> [L, H, D, dh]
+    if getattr(hf, "attention_bias", True):
+        qkv_b = r.stack("layers.{}.attention.query_key_value.bias", L, (3 * D,)).reshape(L, H, 3, dh)
+        b_Q, b_K, b_V = (qkv_b[:, :, i] for i in range(3))
+        b_O = r.stack("layers.{}.attention.dense.bias", L, (D,))
+    else:
+        b_Q = b_K = b_V = zeros((L, H, dh), W_Q)
+        b_O = zeros((L, D), W_Q)
+    ln = lambda n: {"w": r.stack(f"layers.{{}}.{n}.weight", L, (D,)), "b": r.stack(f"layers.{{}}.{n}.bias", L, (D,))}
+    W_E = r.get("embed_in.weight", (V, D))
+    W_U = W_E if c.tied_embeddings and not r.has("embed_out.weight") else r.get("embed_out.weight", (V, D))
+    return {
+        "embed": {"W_E": W_E},
+        "blocks": {
+            "ln1": ln("input_layernorm"),
+            "ln2": ln("post_attention_layernorm"),
+            "attn": {
+                "W_Q": W_Q, "W_K": W_K, "W_V": W_V, "b_Q": b_Q, "b_K": b_K, "b_V": b_V,
+                "W_O": r.stack("layers.{}.attention.dense.weight", L, (D, D)).transpose(0, 2, 1).reshape(L, H, dh, D),
+                "b_O": b_O,
+            },
+            "mlp": {
+                "W_in": r.stack("layers.{}.mlp.dense_h_to_4h.weight", L, (F, D)).transpose(0, 2, 1),
+                "b_in": r.stack("layers.{}.mlp.dense_h_to_4h.bias", L, (F,)),
+                "W_out": r.stack("layers.{}.mlp.dense_4h_to_h.weight", L, (D, F)).transpose(0, 2, 1),
+                "b_out": r.stack("layers.{}.mlp.dense_4h_to_h.bias", L, (D,)),
+            },
+        },
+        "ln_final": {"w": r.get("final_layer_norm.weight", (D,)), "b": r.get("final_layer_norm.bias", (D,))},
+        "unembed": {"W_U": W_U.T, "b_U": zeros((V,), W_E)},
+    }

@@ -1,0 +1,94 @@
+"""orbax-checkpoint behind one small module: converted-weight caches and saved models.
+
+    model.save(path)           # params with orbax, config as JSON, tokenizer files
+    jinterp.load(path)         # restores it, no HF conversion
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+CONFIG_FILE = "jinterp.json"
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def save_tree(path, tree) -> None:
+    """Save a pytree of arrays to `path` (must not exist yet)."""
+    ocp = _ocp()
+    path = Path(path).absolute()
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(path, tree)
+        ck.wait_until_finished()
+
+
+def restore_tree(path, like):
+    """Restore a pytree saved by save_tree; `like` gives structure, shapes and dtypes (arrays or ShapeDtypeStructs)."""
+    ocp = _ocp()
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+    with ocp.StandardCheckpointer() as ck:
+        return ck.restore(Path(path).absolute(), abstract)
+
+
+def _config_to_json(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _config_from_json(d: dict):
+    from jinterp.config import Config
+
+    d = dict(d)
+    d["rope_scaling"] = tuple(tuple(kv) for kv in d.get("rope_scaling", ()))
+    d["windows"] = tuple(d.get("windows", ()))
+    return Config(**d)
+
+
+def save_model(model, path) -> None:
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "config": _config_to_json(model.config),
+        "name": model.name,
+        "dtype": str(model.dtype),
+        "shapes": jax.tree.map(lambda a: list(a.shape), model.params),
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    save_tree(path / "params", model.params)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(path / "tokenizer"))
+
+
+def is_saved_model(path) -> bool:
+    return (Path(path) / CONFIG_FILE).exists()
+
+
+def load_model(path, dtype=None):
+    from jinterp.model import Model
+
+    path = Path(path)
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    cfg = _config_from_json(meta["config"])
+    saved_dtype = jnp.dtype(meta["dtype"])
+    like = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(tuple(s), saved_dtype), meta["shapes"], is_leaf=lambda x: isinstance(x, list)
+    )
+    params = restore_tree(path / "params", like)
+    if dtype is not None:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    tok = None
+    if (path / "tokenizer").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    return Model(cfg, params, tok, meta.get("name"))

@@ -1,0 +1,98 @@
+"""jinterp.load: a local HF-format directory, a bundled model name, a hub id (online), or a saved jinterp model.
+
+No torch: configs come from transformers.AutoConfig, weights straight from safetensors, tokenizers
+from AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jinterp import checkpoint
+from jinterp.arch import families
+from jinterp.model import Model
+
+MODELS_DIR = Path(os.environ.get("JINTERP_MODELS", Path(__file__).resolve().parent.parent / "models"))
+
+# tensors HF checkpoints carry that are buffers, not parameters
+_BUFFERS = ("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq", "masked_bias")
+
+
+def bundled() -> list[str]:
+    """Names of the models bundled under models/."""
+    if not MODELS_DIR.exists():
+        return []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").exists())
+
+
+def resolve(source) -> Path:
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p
+    if (MODELS_DIR / str(source) / "config.json").exists():
+        return MODELS_DIR / str(source)
+    if p.exists():
+        raise FileNotFoundError(f"{p} is a file; pass the directory holding config.json and the weights")
+    if str(source).count("/") > 1 or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no directory {p}; bundled models: {bundled()}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                str(source),
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "vocab*", "merges.txt"],
+            )
+        )
+    except Exception as e:
+        raise FileNotFoundError(
+            f"{source!r} is not a local directory or a bundled model ({', '.join(bundled()) or 'none'}), "
+            f"and fetching it from the hub failed ({type(e).__name__}: {str(e)[:200]}). "
+            "Offline? Pass a local directory with config.json and model.safetensors."
+        ) from e
+
+
+def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bool = True) -> Model:
+    """Load a model for jinterp.
+
+    source: a local HF-format directory (config.json, model.safetensors or a sharded index,
+    tokenizer files if present), the name of a bundled model under models/, a hub id (online),
+    or a directory written by Model.save (orbax).
+    dtype: parameter dtype (float32, bfloat16, ...); norms and softmax always run in float32.
+    """
+    path = resolve(source)
+    if checkpoint.is_saved_model(path):
+        return checkpoint.load_model(path, dtype)
+    from transformers import AutoConfig
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json; is it an HF-format model directory?")
+    try:
+        hf = AutoConfig.from_pretrained(str(path))
+    except ValueError as e:
+        if "model_type" in str(e) or "Unrecognized" in str(e):
+            raise families.UnsupportedArchitecture(
+                f"unsupported architecture in {cfg_file}: {str(e).splitlines()[0][:200]}. "
+                f"jinterp supports model types: {', '.join(families.supported())}."
+            ) from e
+        raise
+    fam = families.family_for(hf)
+    cfg = fam.config(hf).replace(matmul_precision=precision)
+    reader = families.Reader(path, prefixes=fam.PREFIXES)
+    np_params = fam.params(reader, cfg, hf)
+    extra = [n for n in reader.unused() if not n.endswith(_BUFFERS) and "lm_head" not in n]
+    if extra:
+        warnings.warn(f"{len(extra)} checkpoint tensors were not used, e.g. {extra[:3]}", stacklevel=2)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), np_params)
+    tok = None
+    if tokenizer and any(path.glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+    return Model(cfg, params, tok, name=Path(source).name if Path(str(source)).is_dir() else str(source))

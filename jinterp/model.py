@@ -1,0 +1,252 @@
+"""Model: a static config, a parameter pytree and (optionally) a tokenizer, with compiled entry points."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinterp import edits as E
+from jinterp import sites as S
+from jinterp.arch import decoder
+from jinterp.cache import ActivationCache
+from jinterp.config import Config
+
+
+class InputError(ValueError):
+    """Bad tokens, masks or shapes handed to a model."""
+
+
+_forward = jax.jit(decoder.forward, static_argnames=("cfg", "record", "logits_at", "return_resid"))
+_generate = jax.jit(
+    decoder.generate,
+    static_argnames=(
+        "cfg", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+    ),
+)
+
+# TransformerLens-style weight views: name -> path in the parameter pytree
+_WEIGHTS = {
+    "W_E": ("embed", "W_E"),
+    "W_pos": ("pos_embed", "W_pos"),
+    "W_U": ("unembed", "W_U"),
+    "b_U": ("unembed", "b_U"),
+    **{n: ("blocks", "attn", n) for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")},
+    **{n: ("blocks", "mlp", n) for n in ("W_in", "b_in", "W_gate", "b_gate", "W_out", "b_out")},
+}
+
+
+class Model:
+    def __init__(self, config: Config, params: dict, tokenizer=None, name: str | None = None):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.name = name or config.family
+
+    @property
+    def cfg(self) -> Config:
+        return self.config
+
+    def __getattr__(self, item):
+        if item in _WEIGHTS:
+            node = self.__dict__["params"]
+            for k in _WEIGHTS[item]:
+                if k not in node:
+                    raise AttributeError(f"this {self.config.family} model has no {item}")
+                node = node[k]
+            return node
+        raise AttributeError(item)
+
+    @property
+    def dtype(self):
+        return self.params["embed"]["W_E"].dtype
+
+    def with_params(self, params) -> "Model":
+        """The same model with other parameters (e.g. after a weight edit)."""
+        return Model(self.config, params, self.tokenizer, self.name)
+
+    # ------------------------------------------------------------------ structure
+    def site_names(self) -> list[str]:
+        return S.all_names(self.config)
+
+    def summary(self) -> str:
+        c = self.config
+        n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+        lines = [
+            f"{self.name}: {c.family}, {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads"
+            + (f" ({c.n_kv_heads} key/value heads)" if c.n_kv_heads != c.n_heads else "")
+            + f" of d_head {c.d_head}, d_mlp {c.d_mlp}, vocab {c.d_vocab}, context {c.n_ctx}",
+            f"  {n_params:,} parameters, dtype {self.dtype}",
+            f"  norm {c.norm}, positions {c.positional}, mlp {'gated ' if c.gated_mlp else ''}{c.act}"
+            + (", parallel residual" if c.parallel_residual else "")
+            + (", tied embeddings" if c.tied_embeddings else ""),
+            "  parameters:",
+        ]
+        flat = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        for path, a in flat:
+            name = ".".join(str(getattr(k, "key", k)) for k in path)
+            lines.append(f"    {name:28s} {list(a.shape)}")
+        lines.append(f"  sites per block: {', '.join(S.block_sites(c))}")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        c = self.config
+        return f"Model({self.name!r}, {c.family}, L={c.n_layers}, D={c.d_model}, H={c.n_heads}, V={c.d_vocab})"
+
+    # ------------------------------------------------------------------ tokens
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def to_tokens(self, text, prepend_bos: bool = True, padding_side: str = "right"):
+        """Text (str or list of str) -> int32 tokens [batch, pos]. Pads lists; see to_tokens_and_mask for the mask."""
+        return self.to_tokens_and_mask(text, prepend_bos, padding_side)[0]
+
+    def to_tokens_and_mask(self, text, prepend_bos: bool = True, padding_side: str = "right"):
+        tok = self._need_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        bos = tok.bos_token_id
+        if prepend_bos and bos is not None:
+            ids = [[bos] + i for i in ids]
+        n = max(len(i) for i in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        out = np.full((len(ids), n), pad, np.int32)
+        mask = np.zeros((len(ids), n), bool)
+        for r, i in enumerate(ids):
+            sl = slice(0, len(i)) if padding_side == "right" else slice(n - len(i), n)
+            out[r, sl] = i
+            mask[r, sl] = True
+        return out, mask
+
+    def to_str_tokens(self, tokens, prepend_bos: bool = True) -> list:
+        tok = self._need_tokenizer()
+        if isinstance(tokens, str):
+            tokens = self.to_tokens(tokens, prepend_bos)[0]
+        a = np.asarray(tokens)
+        if a.ndim == 2:
+            return [self.to_str_tokens(r) for r in a]
+        return [tok.decode([int(t)]) for t in a]
+
+    def to_string(self, tokens) -> str | list:
+        tok = self._need_tokenizer()
+        a = np.asarray(tokens)
+        if a.ndim == 2:
+            return [tok.decode(r.tolist()) for r in a]
+        return tok.decode(a.tolist())
+
+    def to_single_token(self, s: str) -> int:
+        ids = self._need_tokenizer()(s, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"{s!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
+    def _inputs(self, tokens, attention_mask, *, extra_len: int = 0):
+        """Validate and normalise tokens [batch, pos] and mask at the boundary."""
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            if attention_mask is not None:
+                raise InputError("pass attention_mask only with token ids")
+            tokens, attention_mask = self.to_tokens_and_mask(tokens)
+            if attention_mask.all():
+                attention_mask = None
+        try:
+            a = np.asarray(tokens)
+        except ValueError as e:
+            raise InputError(f"tokens must be a rectangular array of ints: {e}") from e
+        if a.dtype == object or not (np.issubdtype(a.dtype, np.integer)):
+            raise InputError(f"tokens must be integer ids, got dtype {a.dtype}")
+        if a.ndim == 1:
+            a = a[None]
+        if a.ndim != 2:
+            raise InputError(f"tokens must be [batch, pos], got shape {a.shape}")
+        if a.shape[1] == 0:
+            raise InputError("tokens are empty")
+        V = self.config.d_vocab
+        bad = (a < 0) | (a >= V)
+        if bad.any():
+            b, p = np.argwhere(bad)[0]
+            raise InputError(
+                f"token id {int(a[b, p])} at batch {b}, position {p} is outside the vocabulary (0..{V - 1}). "
+                "Were these tokens made by another model's tokenizer?"
+            )
+        if a.shape[1] + extra_len > self.config.n_ctx:
+            raise InputError(
+                f"sequence of {a.shape[1]} tokens"
+                + (f" plus {extra_len} to generate" if extra_len else "")
+                + f" is longer than this model's context of {self.config.n_ctx}; truncate the input"
+            )
+        if attention_mask is not None:
+            m = np.asarray(attention_mask)
+            if m.shape != a.shape:
+                raise InputError(f"attention_mask has shape {m.shape} but tokens have shape {a.shape}")
+            m = m.astype(bool)
+            if not m.any(axis=1).all():
+                raise InputError("attention_mask has a row with no real tokens")
+            attention_mask = jnp.asarray(m)
+        return jnp.asarray(a, jnp.int32), attention_mask
+
+    # ------------------------------------------------------------------ running
+    def __call__(self, tokens, attention_mask=None, edits=(), *, logits_at=None):
+        """Logits [batch, pos, d_vocab] (or at positions logits_at only)."""
+        tokens, mask = self._inputs(tokens, attention_mask)
+        edits = E.validate(self.config, edits, *tokens.shape)
+        la = None if logits_at is None else tuple(int(i) % tokens.shape[1] for i in np.atleast_1d(logits_at))
+        logits, _ = _forward(self.params, tokens, mask, edits, cfg=self.config, logits_at=la)
+        return logits
+
+    def run_with_cache(self, tokens, names=None, attention_mask=None, edits=()):
+        """(logits, ActivationCache). names: None (every site), a list of full site names, or a predicate."""
+        tokens, mask = self._inputs(tokens, attention_mask)
+        edits = E.validate(self.config, edits, *tokens.shape)
+        record = S.select(self.config, names)
+        logits, acts = _forward(
+            self.params, tokens, mask, edits, cfg=self.config, record=tuple(sorted(record.items()))
+        )
+        return logits, ActivationCache(self.config, acts, record, self)
+
+    def generate(
+        self,
+        tokens,
+        max_new_tokens: int = 10,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        attention_mask=None,
+        edits=(),
+        stop_at_eos: bool = True,
+    ):
+        """Greedy or sampled continuation with a KV cache, compiled. Returns tokens [batch, pos + new]
+        (a string if a string was given). Batched prompts must be left-padded (text input is).
+        Edits apply on the prompt pass and, where their positions reach them, to generated tokens."""
+        as_text = isinstance(tokens, str)
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            tokens, attention_mask = self.to_tokens_and_mask(tokens, padding_side="left")
+        tokens, mask = self._inputs(tokens, attention_mask, extra_len=max_new_tokens)
+        if mask is not None and not bool(np.asarray(mask)[:, -1].all()):
+            raise InputError("generate needs left-padded prompts: the last column must be a real token in every row")
+        edits = E.validate(self.config, edits, *tokens.shape)
+        eos = None
+        if stop_at_eos and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        new = _generate(
+            self.params, tokens, mask, edits, jax.random.PRNGKey(seed), cfg=self.config,
+            max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
+            top_k=int(top_k), top_p=float(top_p), eos_token_id=eos, pad_token_id=pad,
+        )
+        out = jnp.concatenate([tokens, new], axis=1)
+        if as_text:
+            return self.to_string(out[0])
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path):
+        """Save converted parameters with orbax (plus config and tokenizer); jinterp.load(path) restores them."""
+        from jinterp import checkpoint
+
+        checkpoint.save_model(self, path)
+

@@ -1,0 +1,10 @@
+import os
+
+# Multi-device code is tested on 8 virtual CPU devices; this must run before JAX initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
