@@ -14,11 +14,13 @@ from jinterp.config import Config
 
 
 class ActivationCache(Mapping):
-    def __init__(self, cfg: Config, acts: dict, layers: dict, model=None):
+    def __init__(self, cfg: Config, acts: dict, layers: dict, model=None, tokens=None, attention_mask=None):
         self.cfg = cfg
         self._acts = acts  # local name -> array ([n_sel, ...] for block sites)
         self._layers = layers  # local name -> tuple of layers, or None for global sites
         self.model = model
+        self.tokens = tokens  # the input tokens [batch, pos] (None if unknown)
+        self.attention_mask = attention_mask
 
     # ---- mapping protocol over full names, in firing order
     def _names(self):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CONFIG_FILE = "jinterp.json"
 
@@ -92,3 +93,44 @@ def load_model(path, dtype=None):
 
         tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     return Model(cfg, params, tok, meta.get("name"))
+
+
+class SweepStore:
+    """Finished cells of a long sweep, saved with orbax so an interrupted sweep resumes.
+
+    The directory holds one orbax checkpoint per save (the newest kept) of {"results", "done"} and
+    the sweep's signature; a store whose signature differs (other model, cells or inputs) is refused
+    rather than silently mixed.
+    """
+
+    def __init__(self, directory, signature: str):
+        self.dir = Path(directory).absolute()
+        self.signature = signature
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sig_file = self.dir / "signature.txt"
+        if sig_file.exists() and sig_file.read_text().strip() != signature:
+            raise ValueError(
+                f"{self.dir} holds a checkpoint of a different sweep (signature {sig_file.read_text().strip()} != {signature}); "
+                "use a new checkpoint_dir or delete it"
+            )
+        sig_file.write_text(signature)
+        ocp = _ocp()
+        self.mngr = ocp.CheckpointManager(self.dir / "steps", options=ocp.CheckpointManagerOptions(max_to_keep=1))
+        self._step = self.mngr.latest_step() or 0
+
+    def load(self, like):
+        """(results, done) from the newest save, or None."""
+        step = self.mngr.latest_step()
+        if step is None:
+            return None
+        ocp = _ocp()
+        target = {"results": like, "done": jax.ShapeDtypeStruct((len(jax.tree.leaves(like)[0]),), bool)}
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), target)
+        got = self.mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        return jax.tree.map(lambda a: np.array(a), got["results"]), np.array(got["done"])
+
+    def save(self, results, done) -> None:
+        ocp = _ocp()
+        self._step += 1
+        self.mngr.save(self._step, args=ocp.args.StandardSave({"results": results, "done": done}))
+        self.mngr.wait_until_finished()

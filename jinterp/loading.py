@@ -6,6 +6,7 @@ from AutoTokenizer.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -74,14 +75,16 @@ def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bo
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path} has no config.json; is it an HF-format model directory?")
     try:
-        hf = AutoConfig.from_pretrained(str(path))
+        raw = json.loads(cfg_file.read_text())
     except ValueError as e:
-        if "model_type" in str(e) or "Unrecognized" in str(e):
-            raise families.UnsupportedArchitecture(
-                f"unsupported architecture in {cfg_file}: {str(e).splitlines()[0][:200]}. "
-                f"jinterp supports model types: {', '.join(families.supported())}."
-            ) from e
-        raise
+        raise families.CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    if raw.get("model_type") not in families.registry():
+        arch = (raw.get("architectures") or [raw.get("model_type")])[0]
+        raise families.UnsupportedArchitecture(
+            f"unsupported architecture {arch!r} (model_type {raw.get('model_type')!r}) in {cfg_file}. "
+            f"jinterp supports model types: {', '.join(families.supported())}."
+        )
+    hf = AutoConfig.from_pretrained(str(path))
     fam = families.family_for(hf)
     cfg = fam.config(hf).replace(matmul_precision=precision)
     reader = families.Reader(path, prefixes=fam.PREFIXES)

@@ -203,7 +203,7 @@ class Model:
         logits, acts = _forward(
             self.params, tokens, mask, edits, cfg=self.config, record=tuple(sorted(record.items()))
         )
-        return logits, ActivationCache(self.config, acts, record, self)
+        return logits, ActivationCache(self.config, acts, record, self, tokens=np.asarray(tokens), attention_mask=mask)
 
     def generate(
         self,

@@ -166,14 +166,17 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     pattern = jax.nn.softmax(scores.astype(F32), axis=-1).astype(q.dtype)
     pattern = ctx.site("attn.hook_pattern", pattern, layer, qcols, acts)
     z = ctx.ein("bkgqt,btkd->bqkgd", pattern.reshape(B, Hkv, G, Sq, T), vals).reshape(B, Sq, cfg.n_heads, cfg.d_head)
-    z = ctx.site("attn.hook_z", z, layer, qcols, acts)
+    return attn_output(ctx, p, z, layer, qcols, acts), kv
+
+
+def attn_output(ctx: Ctx, p, z, layer, cols, acts):
+    """z [B, S, H, dh] (site attn.hook_z) -> the attention block's output [B, S, D]."""
+    z = ctx.site("attn.hook_z", z, layer, cols, acts)
     if ctx.wants("attn.hook_result"):
         result = ctx.ein("bqhe,hed->bqhd", z, p["W_O"])
-        result = ctx.site("attn.hook_result", result, layer, qcols, acts)
-        out = result.sum(2) + p["b_O"]
-    else:
-        out = ctx.ein("bqhe,hed->bqd", z, p["W_O"]) + p["b_O"]
-    return out, kv
+        result = ctx.site("attn.hook_result", result, layer, cols, acts)
+        return result.sum(2) + p["b_O"]
+    return ctx.ein("bqhe,hed->bqd", z, p["W_O"]) + p["b_O"]
 
 
 def mlp(ctx: Ctx, p, h, layer, cols, acts):
@@ -190,14 +193,23 @@ def mlp(ctx: Ctx, p, h, layer, cols, acts):
     return ctx.ein("bsf,fd->bsd", post, p["W_out"]) + p["b_out"]
 
 
-def block(ctx: Ctx, p, x, layer, cols, kv=None, qsel=None):
-    """One decoder block on rows `cols` of the residual. qsel: static indices of rows whose outputs are needed."""
-    cfg = ctx.cfg
+def block(ctx: Ctx, p, x, layer, cols, kv=None, qsel=None, z=None):
+    """One decoder block on rows `cols` of the residual. qsel: static indices of rows whose outputs
+    are needed. z: given, the block resumes from these attention mixes (site attn.hook_z on) instead of
+    recomputing attention; the caller guarantees no edit targets an earlier site of this block."""
     acts: dict[str, Any] = {}
-    x = ctx.site("hook_resid_pre", x, layer, cols, acts)
-    a, kv = attention(ctx, p["attn"], norm(ctx, p["ln1"], x, "ln1", layer, cols, acts), layer, cols, qsel, kv, acts)
-    if qsel is not None:
-        x, cols = x[:, qsel], cols[qsel]
+    if z is None:
+        x = ctx.site("hook_resid_pre", x, layer, cols, acts)
+        a, kv = attention(ctx, p["attn"], norm(ctx, p["ln1"], x, "ln1", layer, cols, acts), layer, cols, qsel, kv, acts)
+        if qsel is not None:
+            x, cols = x[:, qsel], cols[qsel]
+    else:
+        a = attn_output(ctx, p["attn"], z, layer, cols, acts)
+    return _after_attention(ctx, p, x, a, layer, cols, acts), kv, acts
+
+
+def _after_attention(ctx: Ctx, p, x, a, layer, cols, acts):
+    cfg = ctx.cfg
     if cfg.post_norms:
         a = norm(ctx, p["ln1_post"], a, "ln1_post", layer, cols, acts)
     a = ctx.site("hook_attn_out", a, layer, cols, acts)
@@ -214,22 +226,24 @@ def block(ctx: Ctx, p, x, layer, cols, kv=None, qsel=None):
             m = norm(ctx, p["ln2_post"], m, "ln2_post", layer, cols, acts)
         m = ctx.site("hook_mlp_out", m, layer, cols, acts)
         x = x + m
-    x = ctx.site("hook_resid_post", x, layer, cols, acts)
-    return x, kv, acts
+    return ctx.site("hook_resid_post", x, layer, cols, acts)
 
 
 # ----------------------------------------------------------------------------------------
 # the layer stack
 
 
-def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None, want_kv=False):
+def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None, want_kv=False, resume_z=None):
     """Run every block under lax.scan.
 
     x: [B, S, D] residual for columns `cols` [S] (contiguous). kv: (K, V) stacked [L, B, T, Hkv, dh]
     holding keys/values for every column (a decoding cache, or a base run's keys for columns
     before the window), or None when cols covers the whole sequence. start: traced layer index;
-    blocks below it are skipped (x must then be the residual entering block `start`).
-    final_qsel: static row indices; the last block computes outputs only for those rows.
+    blocks below it are skipped (x must then be the residual entering block `start`), and touch
+    no weights. final_qsel: static row indices; the last block computes outputs only for those rows.
+    resume_z: [L, B, S, H, dh] attention mixes of a base run; block `start` (if not the last) then
+    resumes from them rather than recomputing attention (valid when no edit at that block targets a
+    site before attn.hook_z).
 
     Returns (x_out, kv_out or None, acts) where acts maps each recorded local site name to an
     array stacked over its requested layers.
@@ -240,15 +254,15 @@ def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None
     if final_qsel is not None and block_rec:
         raise ValueError("recording block activations needs every row of the last block (final_qsel=None)")
     n_scan = L - 1 if final_qsel is not None else L
-    take = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
-    scan_params = take(blocks, slice(0, n_scan))
-    scan_kv = None if kv is None else take(kv, slice(0, n_scan))
+    at = lambda tree, i: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
-    def layer_fn(x, p, i, kv_l):
-        return block(ctx, p, x, i, cols, kv_l)
+    def layer_fn(x, i):
+        # weights are sliced here, inside the branch that runs, so skipped layers read none
+        x, kv_l, acts = block(ctx, at(blocks, i), x, i, cols, None if kv is None else at(kv, i))
+        return x, (kv_l if want_kv else None), acts
 
     # shapes of one layer's recorded activations, for record buffers and the skip branch
-    probe = jax.eval_shape(layer_fn, x, take(blocks, 0), jnp.int32(0), None if kv is None else take(kv, 0))
+    probe = jax.eval_shape(layer_fn, x, jnp.int32(0))
     full = {n for n, ls in block_rec.items() if len(ls) == L}
     part = {n: ls for n, ls in block_rec.items() if len(ls) < L}
     slots = {n: np.full(L, -1, np.int32) for n in part}
@@ -256,31 +270,36 @@ def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None
         slots[n][list(ls)] = np.arange(len(ls))
     bufs0 = {n: jnp.zeros((len(ls),) + probe[2][n].shape, probe[2][n].dtype) for n, ls in part.items()}
 
-    def body(carry, xs):
+    def body(carry, i):
         x, bufs = carry
-        p, i, kv_l = xs
-
-        def compute(x):
-            return layer_fn(x, p, i, kv_l)
-
         if start is None:
-            x2, kv2, acts = compute(x)
+            x2, kv2, acts = layer_fn(x, i)
         else:
-            skip = lambda x: (x, kv_l, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe[2]))
-            x2, kv2, acts = lax.cond(i >= start, compute, skip, x)
+            skip = lambda x: (
+                x,
+                None if not want_kv else at(kv, i),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe[2]),
+            )
+            if resume_z is None:
+                x2, kv2, acts = lax.cond(i >= start, lambda x: layer_fn(x, i), skip, x)
+            else:
+                def from_z(x):
+                    x, _, acts = block(ctx, at(blocks, i), x, i, cols, z=at(resume_z, i))
+                    return x, (at(kv, i) if want_kv else None), acts
+
+                branch = (i >= start).astype(jnp.int32) + (i > start).astype(jnp.int32)
+                x2, kv2, acts = lax.switch(branch, [skip, from_z, lambda x: layer_fn(x, i)], x)
         new_bufs = {}
         for n, buf in bufs.items():
             slot = jnp.asarray(slots[n])[i]
             s = jnp.maximum(slot, 0)
             new_bufs[n] = buf.at[s].set(jnp.where(slot >= 0, acts[n], buf[s]))
-        ys = ({n: acts[n] for n in full}, kv2 if want_kv else None)
-        return (x2, new_bufs), ys
+        return (x2, new_bufs), ({n: acts[n] for n in full}, kv2)
 
-    (x, bufs), (ys, kv_out) = lax.scan(body, (x, bufs0), (scan_params, jnp.arange(n_scan), scan_kv))
+    (x, bufs), (ys, kv_out) = lax.scan(body, (x, bufs0), jnp.arange(n_scan))
     if final_qsel is not None:
-        p_last = take(blocks, L - 1)
-        kv_last = None if kv is None else take(kv, L - 1)
-        x, kv_l, _ = block(ctx, p_last, x, L - 1, cols, kv_last, qsel=np.asarray(final_qsel))
+        kv_last = None if kv is None else at(kv, L - 1)
+        x, kv_l, _ = block(ctx, at(blocks, L - 1), x, L - 1, cols, kv_last, qsel=np.asarray(final_qsel))
         if want_kv and kv_out is not None:
             kv_out = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), kv_out, kv_l)
     acts = dict(ys)
@@ -301,10 +320,14 @@ def embed(ctx: Ctx, params, tokens, cols, acts):
     return x
 
 
-def unembed(ctx: Ctx, params, x, cols, acts):
+def unembed(ctx: Ctx, params, x, cols, acts, vocab=None):
+    """Final norm and unembedding; vocab: static token ids to compute logits for (default all)."""
     cfg = ctx.cfg
     x = norm(ctx, params["ln_final"], x, "ln_final", None, cols, acts)
-    logits = ctx.ein("bsd,dv->bsv", x, params["unembed"]["W_U"]) + params["unembed"]["b_U"]
+    W_U, b_U = params["unembed"]["W_U"], params["unembed"]["b_U"]
+    if vocab is not None:
+        W_U, b_U = W_U[:, np.asarray(vocab)], b_U[np.asarray(vocab)]
+    logits = ctx.ein("bsd,dv->bsv", x, W_U) + b_U
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits

@@ -168,9 +168,10 @@ class Reader:
         return list(self._where)
 
     def _full(self, name):
-        if self.prefix + name in self._where:
-            return self.prefix + name
-        return name
+        """The checkpoint's name for `name`: with the model prefix, unless only the bare name exists (lm_head)."""
+        if self.prefix + name not in self._where and name in self._where:
+            return name
+        return self.prefix + name
 
     def has(self, name: str) -> bool:
         return self._full(name) in self._where
