@@ -1,0 +1,260 @@
+"""Edits checked against HF torch with forward hooks doing the same intervention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jinterp
+from jinterp import edits as E
+from tests import hf_zoo
+
+B, P = 3, 9
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama-gqa-untied-bias"])
+def pair(request, tmp_path_factory):
+    hf = hf_zoo.build(request.param)
+    return request.param, hf, jinterp.load(hf_zoo.save(hf, tmp_path_factory.mktemp(request.param)))
+
+
+def toks(seed):
+    return np.random.RandomState(seed).randint(0, hf_zoo.V, (B, P)).astype(np.int64)
+
+
+def _modules(hf, name, l):
+    layer = hf_zoo.layers(hf)[l]
+    if name.startswith("gpt2"):
+        return layer, layer.attn.c_proj, layer.mlp.c_proj, layer.attn
+    return layer, layer.self_attn.o_proj, layer.mlp.down_proj, layer.self_attn
+
+
+def hf_logits(hf, tokens, hooks):
+    """hooks: list of (module, "pre"|"post", fn). pre: fn(input tensor) -> tensor; post: fn(output) -> output."""
+    hs = []
+    for mod, kind, fn in hooks:
+        if kind == "pre":
+            hs.append(mod.register_forward_pre_hook(lambda m, a, fn=fn: (fn(a[0]),) + tuple(a[1:])))
+        else:
+            def post(m, a, o, fn=fn):
+                if isinstance(o, tuple):
+                    return (fn(o[0]),) + tuple(o[1:])
+                return fn(o)
+            hs.append(mod.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            return hf(torch.as_tensor(tokens)).logits.numpy()
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def close(ours, ref, atol=3e-5):
+    err = np.abs(np.asarray(ours) - ref).max()
+    assert err < atol * max(1, np.abs(ref).max()), err
+
+
+def test_steer_resid_pre(pair):
+    name, hf, m = pair
+    vec = np.random.RandomState(1).randn(m.cfg.d_model).astype(np.float32)
+    layer, _, _, _ = _modules(hf, name, 1)
+
+    def pre(x):
+        x = x.clone()
+        x[:, 2:5] += 0.7 * torch.as_tensor(vec)
+        return x
+
+    hs = [layer.register_forward_pre_hook(lambda mod, a, k: ((pre(a[0]),) + a[1:], k) if a else (a, {**k, "hidden_states": pre(k["hidden_states"])}), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            ref = hf(torch.as_tensor(toks(0))).logits.numpy()
+    finally:
+        hs[0].remove()
+    ours = m(toks(0), edits=[E.steer("blocks.1.hook_resid_pre", vec, 0.7, pos=[2, 3, 4])])
+    close(ours, ref)
+
+
+def test_zero_and_mean_ablate_head_z(pair):
+    name, hf, m = pair
+    H, dh = m.cfg.n_heads, m.cfg.d_head
+    _, o_proj, _, _ = _modules(hf, name, 2)
+
+    def zero_head(x):
+        x = x.clone().view(B, P, H, dh)
+        x[:, :, 1] = 0
+        return x.view(B, P, H * dh)
+
+    close(m(toks(0), edits=[E.zero_ablate("blocks.2.attn.hook_z", heads=[1])]), hf_logits(hf, toks(0), [(o_proj, "pre", zero_head)]))
+
+    _, cache = m.run_with_cache(toks(0), names=["blocks.2.attn.hook_z"])
+    z = np.asarray(cache["blocks.2.attn.hook_z"])
+    mean = torch.as_tensor(z.mean(0))
+
+    def mean_head(x):
+        x = x.clone().view(B, P, H, dh)
+        x[:, 3:, 2] = mean[3:, 2]
+        return x.view(B, P, H * dh)
+
+    ours = m(toks(0), edits=[E.mean_ablate("blocks.2.attn.hook_z", z, heads=[2], pos=list(range(3, P)))])
+    close(ours, hf_logits(hf, toks(0), [(o_proj, "pre", mean_head)]))
+
+
+def test_patch_and_subspace_patch_mlp_post(pair):
+    """Patch MLP activations from a clean run, fully and only within a random 3-D subspace."""
+    name, hf, m = pair
+    _, _, down, _ = _modules(hf, name, 0)
+    _, clean = m.run_with_cache(toks(1), names=["blocks.0.mlp.hook_post"])
+    src = np.array(clean["blocks.0.mlp.hook_post"])
+    basis = np.linalg.qr(np.random.RandomState(2).randn(m.cfg.d_mlp, 3))[0].astype(np.float32)
+    Bt, St = torch.as_tensor(basis), torch.as_tensor(src)
+
+    def full(x):
+        x = x.clone()
+        x[:, -1] = St[:, -1]
+        return x
+
+    def sub(x):
+        return x + (St - x) @ Bt @ Bt.T
+
+    close(m(toks(0), edits=[E.patch("blocks.0.mlp.hook_post", src, pos=[-1])]), hf_logits(hf, toks(0), [(down, "pre", full)]))
+    close(m(toks(0), edits=[E.subspace_patch("blocks.0.mlp.hook_post", src, basis)]), hf_logits(hf, toks(0), [(down, "pre", sub)]))
+
+
+def test_scale_attn_out_and_composition(pair):
+    """Two edits compose in order: scale attn_out at layer 0, then add to resid_post at layer 2."""
+    name, hf, m = pair
+    _, _, _, attn = _modules(hf, name, 0)
+    last = hf_zoo.layers(hf)[2]
+    vec = np.random.RandomState(3).randn(m.cfg.d_model).astype(np.float32)
+    ref = hf_logits(hf, toks(0), [(attn, "post", lambda o: o * 0.3), (last, "post", lambda o: o + torch.as_tensor(vec))])
+    ours = m(toks(0), edits=[E.scale("hook_attn_out", 0.3, layers=0), E.steer("hook_resid_post", vec, layers=[2])])
+    close(ours, ref)
+
+
+def test_knockout_matches_masked_hf_attention(pair):
+    """Knock out query positions {6, 8} from key positions {1, 2} in layers 1-2, every head."""
+    name, hf, m = pair
+    hooks = []
+    for l in (1, 2):
+        attn = _modules(hf, name, l)[3]
+
+        def pre(mod, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.zeros(B, 1, P, P)
+                mask.masked_fill_(torch.triu(torch.ones(P, P, dtype=torch.bool), 1), torch.finfo(torch.float32).min)
+            elif mask.dtype == torch.bool:
+                mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+            mask = mask.clone().expand(B, 1, P, P).clone()
+            for q in (6, 8):
+                for k in (1, 2):
+                    mask[:, :, q, k] = torch.finfo(torch.float32).min
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        hooks.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            ref = hf(torch.as_tensor(toks(0))).logits.numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    ours = m(toks(0), edits=[E.knockout(query_pos=[6, 8], key_pos=[1, 2], layers=range(1, 3))])
+    close(ours, ref)
+    assert np.abs(np.asarray(ours) - np.asarray(m(toks(0)))).max() > 1e-3  # the knockout did something
+
+
+def test_identities(pair):
+    _, _, m = pair
+    base = np.asarray(m(toks(0)))
+    # knockout of nothing changes nothing
+    none = E.knockout(query_pos=np.zeros(P, bool), key_pos=np.zeros(P, bool))
+    np.testing.assert_allclose(np.asarray(m(toks(0), edits=[none])), base, atol=1e-6)
+    # patching every position of resid_pre at layer 0 from the clean cache reproduces the clean logits
+    clean_logits, cache = m.run_with_cache(toks(1), names=["blocks.0.hook_resid_pre"])
+    patched = m(toks(0), edits=[E.patch("blocks.0.hook_resid_pre", cache["blocks.0.hook_resid_pre"])])
+    np.testing.assert_allclose(np.asarray(patched), np.asarray(clean_logits), atol=2e-5)
+
+
+def test_back_patched_generation_matches_hf_prompt_only_hook(pair):
+    """Hopping Too Late: resid_post[i] at t written into resid_post[j] at t on the prompt pass only."""
+    name, hf, m = pair
+    t, i, j = P - 1, 2, 0
+    prompt = toks(4)
+    _, cache = m.run_with_cache(prompt, names=[f"blocks.{i}.hook_resid_post"])
+    H = np.array(cache[f"blocks.{i}.hook_resid_post"])[:, t]
+    layer = hf_zoo.layers(hf)[j]
+
+    def post(mod, a, o):
+        h = o[0] if isinstance(o, tuple) else o
+        if h.shape[1] == 1:  # KV-cached decoding step: leave alone
+            return o
+        h = h.clone()
+        h[:, t] = torch.as_tensor(H)
+        return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+
+    hk = layer.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            ref = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                              max_new_tokens=6, do_sample=False).numpy()
+    finally:
+        hk.remove()
+    e = E.patch(f"blocks.{j}.hook_resid_post", cache[f"blocks.{i}.hook_resid_post"], pos=[t])
+    np.testing.assert_array_equal(np.asarray(m.generate(prompt, 6, edits=[e])), ref)
+
+
+def test_steering_generation_applies_to_new_tokens(pair):
+    """pos=None edits reach generated tokens too: compare with an HF hook that fires on every pass."""
+    name, hf, m = pair
+    vec = 3 * np.random.RandomState(5).randn(m.cfg.d_model).astype(np.float32)
+    layer = hf_zoo.layers(hf)[1]
+    hk = layer.register_forward_hook(lambda mod, a, o: ((o[0] + torch.as_tensor(vec),) + tuple(o[1:])) if isinstance(o, tuple) else o + torch.as_tensor(vec))
+    prompt = toks(6)
+    try:
+        with torch.no_grad():
+            ref = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                              max_new_tokens=6, do_sample=False).numpy()
+    finally:
+        hk.remove()
+    ours = m.generate(prompt, 6, edits=[E.steer("blocks.1.hook_resid_post", vec)])
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_grad_and_vmap_through_edits(pair):
+    _, _, m = pair
+    from jinterp.arch import decoder
+
+    t = jnp.asarray(toks(0), jnp.int32)
+    vec = jnp.asarray(np.random.RandomState(7).randn(m.cfg.d_model), jnp.float32)
+
+    def f(coeff):
+        e = E.steer("blocks.1.hook_resid_mid", vec, coeff)
+        return decoder.forward(m.params, t, None, (e,), cfg=m.cfg)[0][:, -1, 5].sum()
+
+    g = jax.grad(f)(0.5)
+    fd = (f(0.5 + 1e-2) - f(0.5 - 1e-2)) / 2e-2
+    assert abs(float(g) - float(fd)) < 2e-2 * max(1, abs(float(fd)))
+    coeffs = jnp.asarray([0.0, 0.5, 2.0])
+    vm = jax.vmap(f)(coeffs)
+    np.testing.assert_allclose(np.asarray(vm), [float(f(c)) for c in coeffs], rtol=1e-5, atol=1e-4)
+
+
+def test_bad_edits_rejected(pair):
+    _, _, m = pair
+    x = toks(0)
+    with pytest.raises(jinterp.sites.SiteError, match="Did you mean"):
+        E.patch("blocks.0.hook_resid_prr", np.zeros(m.cfg.d_model))
+    with pytest.raises(E.EditError, match="layer 9 is out of range"):
+        m(x, edits=[E.steer("resid_pre", np.zeros(m.cfg.d_model), layers=[9])])
+    with pytest.raises(E.EditError, match="position 12 is out of range"):
+        m(x, edits=[E.zero_ablate("resid_pre", layers=0, pos=[12])])
+    with pytest.raises(E.EditError, match="head 7 is out of range"):
+        m(x, edits=[E.zero_ablate("z", layers=0, heads=[7])])
+    with pytest.raises(E.EditError, match="value has shape"):
+        m(x, edits=[E.patch("blocks.0.hook_resid_pre", np.zeros((B, P + 2, m.cfg.d_model)))])
+    with pytest.raises(E.EditError, match="no head axis"):
+        m(x, edits=[E.zero_ablate("resid_pre", layers=0, heads=[0])])
+    with pytest.raises(E.EditError, match="not an Edit"):
+        m(x, edits=["blocks.0.hook_resid_pre"])
