@@ -186,6 +186,14 @@ class Model:
             attention_mask = jnp.asarray(m)
         return jnp.asarray(a, jnp.int32), attention_mask
 
+    def tokens_to_residual_directions(self, tokens):
+        """The residual-stream direction [..., d_model] whose dot product with the normalised final
+        residual is each token's logit (minus biases): W_U[:, token] scaled by the final norm's weight
+        (what TransformerLens's W_U is after fold_ln)."""
+        t = jnp.asarray(tokens)
+        W_U = self.params["unembed"]["W_U"].astype(jnp.float32)
+        return jnp.moveaxis(jnp.take(W_U, t, axis=1), 0, -1) * self.params["ln_final"]["w"].astype(jnp.float32)
+
     # ------------------------------------------------------------------ running
     def __call__(self, tokens, attention_mask=None, edits=(), *, logits_at=None):
         """Logits [batch, pos, d_vocab] (or at positions logits_at only)."""

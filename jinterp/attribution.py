@@ -1,0 +1,128 @@
+"""Gradient-based attribution and direct logit attribution.
+
+Attribution patching (Nanda 2023): the first-order estimate of patching a site from the clean run
+into the corrupted run,
+
+    effect ~= sum over the patched slice of (clean - corrupted) * d metric / d activation,
+
+for every site, position and head at once. The gradients come from one forward and one backward
+pass of the corrupted run, through zero-valued additive edits at every requested site: adding zero
+changes nothing, and the gradient with respect to the added value is the gradient with respect to
+the activation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinterp import edits as E
+from jinterp import sites as S
+from jinterp.arch import decoder
+from jinterp.sweep import Labelled
+
+# site -> the axes the attribution keeps (everything else is summed over)
+DEFAULT_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v")
+
+
+def _grads(model, tokens, mask, metric, locals_):
+    """metric value, recorded corrupted activations, and d metric / d activation per site."""
+    cfg = model.config
+    B, P = tokens.shape
+    record = {}
+    zeros = {}
+    for site in locals_:
+        lay = S.layout(site)
+        sizes = E.site_shape(cfg, site, B, P)
+        shape = tuple(sizes[a] for a in lay)
+        if site in S.GLOBAL_SITES:
+            record[site] = None
+            zeros[site] = jnp.zeros(shape, jnp.float32)
+        else:
+            record[site] = tuple(range(cfg.n_layers))
+            zeros[site] = jnp.zeros((cfg.n_layers,) + shape, jnp.float32)
+
+    def f(values):
+        edits = tuple(E.Edit(site=s, op="add", value=v, per_layer=s not in S.GLOBAL_SITES) for s, v in values.items())
+        logits, acts = decoder.forward(model.params, tokens, mask, edits, cfg=cfg, record=tuple(sorted(record.items())))
+        return jnp.asarray(metric(logits), jnp.float32), acts
+
+    (value, acts), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(zeros)
+    return value, acts, grads
+
+
+def attribution_patching(model, clean_tokens, corrupted_tokens, metric, sites=DEFAULT_SITES, by_pos: bool = True, attention_mask=None) -> dict:
+    """First-order patching effects for every site in `sites`, from one forward and one backward pass.
+
+    Returns {site: Labelled}: residual-like sites [layer, pos]; head sites (z, q, k, v, result,
+    pattern) [layer, pos, head] when by_pos else [layer, head]; MLP activations [layer, pos];
+    global sites [pos]. Each value estimates `metric(patched) - metric(corrupted)`.
+    """
+    cfg = model.config
+    clean, mask = model._inputs(clean_tokens, attention_mask)
+    corrupted, _ = model._inputs(corrupted_tokens, attention_mask)
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {list(clean.shape)} and corrupted {list(corrupted.shape)} tokens differ in shape")
+    locals_ = [S.resolve_local(cfg, s) for s in sites]
+    names = [n for n in S.all_names(cfg) if S.parse(cfg, n)[1] in locals_]
+    _, clean_cache = model.run_with_cache(clean, names=names, attention_mask=mask)
+    _, acts, grads = _grads(model, corrupted, mask, metric, locals_)
+    out = {}
+    for site in locals_:
+        lay = S.layout(site)
+        glob = site in S.GLOBAL_SITES
+        c = clean_cache[site] if glob else clean_cache.stack(site)
+        prod = (jnp.asarray(c, jnp.float32) - jnp.asarray(acts[site], jnp.float32)) * grads[site]
+        # axes of prod: ([layer], *lay); keep layer, pos (or query pos), head
+        axes = ([] if glob else ["layer"]) + list(lay)
+        keep = [a for a in axes if a in ("layer", "head", "kv_head") or (a == "pos" and by_pos)]
+        red = tuple(i for i, a in enumerate(axes) if a not in keep)
+        vals = np.asarray(prod.sum(red))
+        labels = []
+        for a in keep:
+            n = {"layer": cfg.n_layers, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads, "pos": clean.shape[1]}[a]
+            labels.append(tuple(str(i) if a in ("layer", "pos") else f"H{i}" for i in range(n)))
+        out[site] = Labelled(vals, tuple("head" if a == "kv_head" else a for a in keep), tuple(labels), name=f"attribution {site}")
+    return out
+
+
+def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attention_mask=None) -> dict:
+    """Direct logit attribution of the logit difference answer[:, 0] - answer[:, 1] at `pos`, with the
+    final norm's cached scale treated as constant (TransformerLens's apply_ln_to_stack):
+
+    {"heads": Labelled [layer, head], "components": Labelled [component] (embeddings, each layer's
+    attention and MLP output), "bias": the constant part (norm bias, b_U, and b_O's per-layer sums
+    are inside the attention components), "total": the model's logit difference}.
+    Values are averaged over the batch; components + bias == total up to float rounding.
+    """
+    cfg = model.config
+    tokens, mask = model._inputs(tokens, attention_mask)
+    ans = np.asarray(answer_tokens)
+    logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    P = tokens.shape[1]
+    p = pos % P
+    direction = model.tokens_to_residual_directions(ans[:, 0]) - model.tokens_to_residual_directions(ans[:, 1])  # [B, D]
+
+    def attrs(stack):  # [n, B, P, D] at pos -> [n] batch-mean
+        s = cache.apply_ln_to_stack(cache._pos(stack, [p]), pos_slice=[p])[:, :, 0]
+        return np.asarray((s * direction).sum(-1).mean(-1))
+
+    heads_stack, _ = cache.stack_head_results(return_labels=True)
+    comps, comp_labels = cache.decompose_resid(return_labels=True)
+    b = jnp.arange(len(ans))
+    lg = jnp.asarray(logits, jnp.float32)[b, p]
+    total = float((lg[b, ans[:, 0]] - lg[b, ans[:, 1]]).mean())
+    comp_vals = attrs(comps)
+    W_U, b_U = model.params["unembed"]["W_U"], model.params["unembed"]["b_U"]
+    bias = b_U[ans[:, 0]] - b_U[ans[:, 1]]
+    if "b" in model.params["ln_final"]:
+        bias = bias + model.params["ln_final"]["b"] @ (W_U[:, ans[:, 0]] - W_U[:, ans[:, 1]])
+    L, H = cfg.n_layers, cfg.n_heads
+    return {
+        "heads": Labelled(attrs(heads_stack).reshape(L, H), ("layer", "head"),
+                          (tuple(map(str, range(L))), tuple(f"H{h}" for h in range(H))), name="direct logit attribution"),
+        "components": Labelled(comp_vals, ("component",), (tuple(comp_labels),), name="direct logit attribution"),
+        "bias": float(np.mean(np.asarray(bias))),
+        "total": total,
+    }
