@@ -97,6 +97,7 @@ def demo(
     typer.echo(f"\nWrote {fig}, {out / 'head_scores.csv'}, {out / 'head_scores.npz'}, {out / 'task.json'}")
 
     _patching_demo(m, out, seed)
+    _circuits_demo(m, out, seed, scores)
 
 
 def _patching_demo(m, out: Path, seed: int):
@@ -138,6 +139,46 @@ def _patching_demo(m, out: Path, seed: int):
     resid.heatmap(out / "patch_resid_pre.png", title="patch resid_pre (* = changed word, last position)")
     heads.heatmap(out / "patch_heads.png", title="patch head output (all positions)")
     typer.echo(f"  wrote {out / 'patch_resid_pre.png'}, {out / 'patch_heads.png'} and .csv/.npz tables")
+
+    from jinterp import attribution
+
+    attr = attribution.attribution_patching(m, clean, corrupted, norm, sites=["resid_pre", "z"], by_pos=False)
+    r_heads = np.corrcoef(attr["attn.hook_z"].values.ravel(), heads.values.ravel())[0, 1]
+    typer.echo(f"  attribution patching (one forward + one backward) vs exact head patching: Pearson r = {r_heads:.3f}")
+
+
+def _circuits_demo(m, out: Path, seed: int, head_scores: dict):
+    """Weight-space view of the same circuit: composition scores, channels, retrieval heads."""
+    from jinterp import circuits, detect, plots
+
+    L, H = m.cfg.n_layers, m.cfg.n_heads
+    typer.echo("\nComposition scores, writer (layer 0 head) -> reader (layer 1 head), from the weights alone:")
+    scores = {k: np.asarray(circuits.composition_scores(m, k)) for k in "QKV"}
+    rows = [(f"L0H{w} -> L1H{r}", *(f"{scores[k][0, w, 1, r]:.3f}" for k in "QKV")) for w in range(H) for r in range(H)]
+    typer.echo(_table(rows, ["pair", "Q", "K", "V"]))
+    best = max(((k, w, r) for k in "QKV" for w in range(H) for r in range(H)), key=lambda t: scores[t[0]][0, t[1], 1, t[2]])
+    typer.echo(f"  strongest: {best[0]}-composition L0H{best[1]} -> L1H{best[2]} (previous-token score of the writer "
+               f"{head_scores['previous_token'][0, best[1]]:.2f}, induction score of the reader {head_scores['induction'][1, best[2]]:.2f})")
+    ch = circuits.channels(m, kinds=("K",), top=3)
+    typer.echo("  strongest K channels (writer's OV singular component -> reader):")
+    for _, row in ch.iterrows():
+        typer.echo(f"    {row.writer} component {row.component} (s={row.singular_value:.2f}) -> {row.reader}: {row.score:.3f}")
+    panels = [dict(values=scores[k][0, :, 1, :], row_labels=[f"L0H{w}" for w in range(H)], col_labels=[f"L1H{r}" for r in range(H)],
+                   title=f"{k}-composition", cmap="Blues", center=False, xlabel="reader", ylabel="writer") for k in "QKV"]
+    plots.save_heatmaps(out / "composition.png", panels, ncols=3, suptitle="composition scores (layer 0 -> layer 1)")
+    np.savez(out / "composition_scores.npz", **scores)
+
+    rng = np.random.default_rng(seed + 3)
+    prompts, spans = [], []
+    for _ in range(8):  # needle in a haystack: random words, a needle, more words, then the needle's start
+        hay, needle = rng.integers(2, m.cfg.d_vocab, 14), rng.integers(2, m.cfg.d_vocab, 8)
+        d = int(rng.integers(0, 8))
+        prompts.append(np.concatenate([[0], hay[:d], needle, hay[d:], needle[:2]]))
+        spans.append((1 + d, 1 + d + 8))
+    r = detect.retrieval_scores(m, prompts, spans, max_new_tokens=6)
+    typer.echo(f"\nRetrieval scores (copy-paste from the needle while decoding; {r['n_samples']} of 8 samples recalled > 50%):")
+    typer.echo(_table([(f"L{l}H{h}", f"{r['scores'][l, h]:.3f}") for l in range(L) for h in range(H)], ["head", "retrieval"]))
+    typer.echo(f"  wrote {out / 'composition.png'}, {out / 'composition_scores.npz'}")
 
 
 @app.command()
