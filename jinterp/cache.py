@@ -17,13 +17,14 @@ from jinterp.config import Config
 
 
 class ActivationCache(Mapping):
-    def __init__(self, cfg: Config, acts: dict, layers: dict, model=None, tokens=None, attention_mask=None):
+    def __init__(self, cfg: Config, acts: dict, layers: dict, model=None, tokens=None, attention_mask=None, edited=False):
         self.cfg = cfg
         self._acts = acts  # local name -> array ([n_sel, ...] for block sites)
         self._layers = layers  # local name -> tuple of layers, or None for global sites
-        self.model = model
+        self.model = model  # the Model that made it (its params), or None
         self.tokens = tokens  # the input tokens [batch, pos] (None if unknown)
         self.attention_mask = attention_mask
+        self.edited = edited  # made with edits applied
 
     # ---- mapping protocol over full names, in firing order
     def _names(self):
@@ -116,12 +117,15 @@ class ActivationCache(Mapping):
 
     @staticmethod
     def _pos(x, pos_slice):
-        """Select positions (an int, a list, or a slice) on the second-to-last axis."""
+        """Select positions on the second-to-last axis: an int drops the axis (as TransformerLens's
+        Slice does), a list or slice keeps it."""
         if pos_slice is None:
             return x
         if isinstance(pos_slice, slice):
             return x[..., pos_slice, :]
-        return jnp.take(x, jnp.atleast_1d(jnp.asarray(pos_slice)), axis=-2)
+        if np.ndim(pos_slice) == 0:
+            return x[..., int(pos_slice), :]
+        return jnp.take(x, jnp.asarray(pos_slice), axis=-2)
 
     def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, pos_slice=None, mlp_input=False, return_labels=False):
         """The residual stream entering each layer up to `layer` (all, plus the final stream, by

@@ -22,6 +22,10 @@ def _at(logits, pos):
     return logits[:, pos]
 
 
+def _positions(pos, P) -> tuple:
+    return tuple(sorted({int(p) % P for p in (pos if isinstance(pos, tuple) else (pos,))}))
+
+
 def _pos(pos, batch):
     if np.ndim(pos) == 0:
         return int(pos)
@@ -40,6 +44,10 @@ class LogitDiff:
     incorrect: tuple
     pos: int | tuple = -1
     per_example: bool = False
+
+    def reads(self, P, V):
+        """(positions, token ids) of the logits this metric reads, for the sweep driver."""
+        return _positions(self.pos, P), tuple(sorted(set(self.correct) | set(self.incorrect)))
 
     def __call__(self, logits):
         lg = _at(logits, self.pos).astype(jnp.float32)
@@ -67,6 +75,10 @@ class Normalized:
     def __call__(self, logits):
         return (self.metric(logits) - self.corrupted) / (self.clean - self.corrupted)
 
+    @property
+    def inner(self):
+        return self.metric
+
 
 def normalized(metric, clean_logits, corrupted_logits) -> Normalized:
     clean = float(np.mean(np.asarray(metric(jnp.asarray(clean_logits)))))
@@ -88,6 +100,9 @@ class LogProb:
     tokens: tuple
     pos: int | tuple = -1
     per_example: bool = False
+
+    def reads(self, P, V):
+        return _positions(self.pos, P), None  # the normalisation reads every token
 
     def __call__(self, logits):
         lp = jax.nn.log_softmax(jnp.asarray(_at(logits, self.pos), jnp.float32), axis=-1)

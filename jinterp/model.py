@@ -211,7 +211,7 @@ class Model:
         logits, acts = _forward(
             self.params, tokens, mask, edits, cfg=self.config, record=tuple(sorted(record.items()))
         )
-        return logits, ActivationCache(self.config, acts, record, self, tokens=np.asarray(tokens), attention_mask=mask)
+        return logits, ActivationCache(self.config, acts, record, self, tokens=np.asarray(tokens), attention_mask=mask, edited=bool(edits))
 
     def generate(
         self,
@@ -233,6 +233,12 @@ class Model:
         as_text = isinstance(tokens, str)
         if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
             tokens, attention_mask = self.to_tokens_and_mask(tokens, padding_side="left")
+        if int(max_new_tokens) < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not 0 <= int(top_k) <= self.config.d_vocab:
+            raise InputError(f"top_k must be in 0..{self.config.d_vocab} (0 = off), got {top_k}")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise InputError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         tokens, mask = self._inputs(tokens, attention_mask, extra_len=max_new_tokens)
         if mask is not None and not bool(np.asarray(mask)[:, -1].all()):
             raise InputError("generate needs left-padded prompts: the last column must be a real token in every row")

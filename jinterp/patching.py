@@ -50,22 +50,25 @@ class PatchCell:
         )
 
     def __call__(self, cell, data, runner: Runner):
-        return runner.score((self.edit(cell, data),), resume=self.site in AFTER_ATTENTION)
+        return runner.score((self.edit(cell, data),))
 
     def bounds(self, cell, data, n_layers, n_prompt):
         e = self.edit(cell, data)
         return E.first_layer(e, n_layers), E.first_col(e, n_prompt)
 
 
-# sites from which a block can resume with the base run's attention mixes
-AFTER_ATTENTION = S.BLOCK_ORDER[S.BLOCK_ORDER.index("attn.hook_z"):]
-
-
-def _unchanged_prefix(clean_cache, tokens) -> int:
-    """Leading positions where the clean run's tokens equal the corrupted tokens in every row: every
-    activation there is identical in both runs, so patching them is a no-op."""
+def _unchanged_prefix(model, clean_cache, tokens) -> int:
+    """Leading positions where the clean run's tokens equal the corrupted tokens in every row. When the
+    clean cache is this model's own unedited run, every activation there is identical in both runs,
+    so patching them is a no-op. Anything else (another model, edited params, an edited run): 0."""
     src = getattr(clean_cache, "tokens", None)
-    if src is None or np.shape(src) != tuple(tokens.shape) or getattr(clean_cache, "attention_mask", None) is not None:
+    if (
+        src is None
+        or getattr(clean_cache, "model", None) is not model
+        or getattr(clean_cache, "edited", True)
+        or getattr(clean_cache, "attention_mask", None) is not None
+        or np.shape(src) != tuple(tokens.shape)
+    ):
         return 0
     same = (np.asarray(src) == np.asarray(tokens)).all(0)
     return int(np.argmin(same)) if not same.all() else int(len(same))
@@ -86,11 +89,11 @@ def _labels(model, tokens, axis):
     raise ValueError(axis)
 
 
-def _check_pair(model, corrupted_tokens, clean_cache):
-    tokens, _ = model._inputs(corrupted_tokens, None)
+def _check_pair(model, corrupted_tokens, clean_cache, attention_mask=None):
+    tokens, mask = model._inputs(corrupted_tokens, attention_mask)
     if clean_cache is None or not hasattr(clean_cache, "stack"):
         raise PatchingError("clean_cache must be the ActivationCache of model.run_with_cache(clean_tokens)")
-    return tokens
+    return tokens, mask
 
 
 def _source(model, clean_cache, local, tokens):
@@ -110,9 +113,9 @@ def _source(model, clean_cache, local, tokens):
     return src
 
 
-def _patch(model, corrupted_tokens, clean_cache, metric, site, index, **kw) -> Labelled:
+def _patch(model, corrupted_tokens, clean_cache, metric, site, index, attention_mask=None, **kw) -> Labelled:
     cfg = model.config
-    tokens = _check_pair(model, corrupted_tokens, clean_cache)
+    tokens, mask = _check_pair(model, corrupted_tokens, clean_cache, attention_mask)
     local = S.resolve_local(cfg, site)
     src = _source(model, clean_cache, local, tokens)
     lay = S.layout(local)
@@ -123,8 +126,8 @@ def _patch(model, corrupted_tokens, clean_cache, metric, site, index, **kw) -> L
     grid = np.indices(shape).reshape(len(shape), -1).astype(np.int32)
     cells = {("head" if a == "kv_head" else a): g for a, g in zip(axes, grid)}
     fn = PatchCell(local, "pos" in index, "head" in index)
-    kw.setdefault("unchanged_prefix", _unchanged_prefix(clean_cache, tokens))
-    out = sweep(model, tokens, cells, fn, data=src, metric=metric, desc=f"patch {local}", **kw)
+    kw.setdefault("unchanged_prefix", _unchanged_prefix(model, clean_cache, tokens) if mask is None else 0)
+    out = sweep(model, tokens, cells, fn, data=src, metric=metric, attention_mask=mask, desc=f"patch {local}", **kw)
     out = np.asarray(out).reshape(shape + np.shape(out)[1:])
     extra = tuple(f"out{i}" for i in range(out.ndim - len(shape)))
     labels = tuple(_labels(model, tokens, a) for a in axes) + tuple(tuple(map(str, range(n))) for n in out.shape[len(shape):])
@@ -329,6 +332,7 @@ def back_patching(
     source_tokens=None,
     attention_mask=None,
     targets=None,
+    judge=None,
     max_new_tokens: int = 10,
     **kw,
 ) -> BackPatching:
@@ -338,9 +342,11 @@ def back_patching(
 
     metric: judged per pair (use a per_example metric to keep examples apart).
     targets: per example, a token id or a list of ids; when given, every pair also generates
-    max_new_tokens greedily with the edit active on the prompt pass only, and succeeds for an
-    example if the generation contains its target. `fixed[b]` is whether any pair with i > j
-    succeeds (i > j: true "back" patches).
+    max_new_tokens greedily with the edit active on the prompt pass only (cut at the tokenizer's
+    EOS), and succeeds for an example if the generation contains its target as a token
+    subsequence. judge(generated_ids, example_index) -> bool replaces that test (e.g. the paper's
+    case-insensitive match of a label or alias in the decoded text). `fixed[b]` is whether any pair
+    with i > j succeeds (i > j: true "back" patches).
     position: an int or one position per example (e.g. the last real token of each row).
     """
     cfg = model.config
@@ -365,14 +371,20 @@ def back_patching(
         extra = tuple(tuple(map(str, range(n))) for n in out.shape[2:])
         res_metric = Labelled(out, ("source_layer", "target_layer") + tuple(f"example{'' if i == 0 else i}" for i in range(len(extra))), labels + extra, name="back-patching metric")
     gens = success = fixed = None
-    if targets is not None:
+    if targets is not None or judge is not None:
+        if mask is not None and not bool(np.asarray(mask)[:, -1].all()):
+            raise PatchingError("generation needs left-padded prompts: the last column must be a real token in every row")
         gen = np.asarray(sweep(model, tokens, cells, BackPatchCell("generate", int(max_new_tokens)), data=data,
                                attention_mask=mask, desc="back-patching (generate)", metric_positions=None, **kw))
         gens = gen.reshape(L, L, B, -1)
-        tg = [list(np.atleast_1d(t)) for t in (targets if len(np.shape(targets)) or isinstance(targets, list) else [targets] * B)]
-        if len(tg) != B:
-            raise PatchingError(f"targets: one per example ({B}), got {len(tg)}")
-        ok = np.array([[[_contains(gens[i, j, b], tg[b]) for b in range(B)] for j in range(L)] for i in range(L)])
+        eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+        cut = lambda g: g[: int(np.argmax(g == eos))] if eos is not None and (g == eos).any() else g
+        if judge is None:
+            tg = [list(np.atleast_1d(t)) for t in targets] if isinstance(targets, (list, tuple, np.ndarray)) else [[int(targets)]] * B
+            if len(tg) != B:
+                raise PatchingError(f"targets: one per example ({B}), got {len(tg)}")
+            judge = lambda g, b: _contains(g, tg[b])
+        ok = np.array([[[bool(judge(cut(gens[i, j, b]), b)) for b in range(B)] for j in range(L)] for i in range(L)])
         success = Labelled(ok.astype(float), ("source_layer", "target_layer", "example"), labels + (tuple(map(str, range(B))),), name="success")
         back = np.tril(np.ones((L, L), bool), -1)  # source i > target j
         fixed = (ok & back[:, :, None]).any((0, 1))
@@ -435,7 +447,8 @@ def path_patching(
     """Path patching from every sender head to `receivers`, in one sweep -> [n_layers, n_heads].
 
     receivers: "resid" (the final residual stream, i.e. the direct path to the logits plus paths
-    through MLPs), or a list of (layer, head, "q" | "k" | "v") receiver inputs. sender_pos /
+    through MLPs), or a list of (layer, head, "q" | "k" | "v") receiver inputs; for "k" and "v" the
+    head is a key/value head, shared by its query group on GQA models. sender_pos /
     receiver_pos restrict the patch to positions (an int list, or one per example as [batch, k]).
     The value is the metric of the final run (use metrics.normalized to express it relative to
     the orig and new runs). Senders at or after a receiver's layer have no path to it and score the

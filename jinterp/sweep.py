@@ -38,9 +38,12 @@ from flax import struct
 from jax import lax
 
 from jinterp import edits as E
+from jinterp import sites as S
 from jinterp.arch import decoder as D
 
 PRE_BLOCK_SITES = ("hook_embed", "hook_pos_embed")
+# block sites from which a block can resume with the base run's attention mixes
+AFTER_ATTENTION = S.BLOCK_ORDER[S.BLOCK_ORDER.index("attn.hook_z"):]
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,10 +206,10 @@ class Runner:
         x0 = lax.dynamic_index_in_dim(self.base.resid_pre, start, 0, keepdims=False)[:, s0:]
         return x0, start
 
-    def logits(self, edits, start=None, resume: bool = False):
+    def logits(self, edits, start=None):
         """Edited logits as a [B, P, V] view; only the positions and token ids the metric reads hold real
-        values. resume: no edit at the start block targets a site before attn.hook_z, so that block
-        starts from the base run's attention mixes."""
+        values. When no edit targets a block site before attn.hook_z, the start block resumes from the
+        base run's attention mixes instead of recomputing attention."""
         edits = tuple(edits)
         start = self.start if start is None else start
         s0, P = self.s0, self.P
@@ -217,17 +220,21 @@ class Runner:
         want = tuple(range(P)) if self.positions is None else self.positions
         inside = tuple(p for p in want if p >= s0)
         before = tuple(p for p in want if p < s0)
-        qsel = None if self.positions is None else tuple(p - s0 for p in inside)
-        rz = self.base.z[:, :, s0:] if resume and not any(e.site in PRE_BLOCK_SITES for e in edits) else None
-        x, _, _ = D.run_stack(ctx, self.params["blocks"], x0, cols, kv=kv, start=start, final_qsel=qsel, resume_z=rz)
-        rows = D.unembed(ctx, self.params, x, jnp.asarray(inside), {}, vocab=self.vocab)
-        if before:
-            old = D.unembed(ctx, self.params, self.base.resid_final[:, np.asarray(before)], jnp.asarray(before), {}, vocab=self.vocab)
-            rows = jnp.concatenate([old, rows], axis=1)
+        qsel = None if self.positions is None else np.asarray([p - s0 for p in inside], np.int32)
+        resume = all(e.site in AFTER_ATTENTION or e.site.startswith("ln_final") for e in edits)
+        rz = self.base.z[:, :, s0:] if resume else None
+        parts = []
+        if before:  # positions before the window hold the base run's final residual
+            idx = np.asarray(before, np.int32)
+            parts.append(D.unembed(ctx, self.params, self.base.resid_final[:, idx], jnp.asarray(idx), {}, vocab=self.vocab))
+        if inside:
+            x, _, _ = D.run_stack(ctx, self.params["blocks"], x0, cols, kv=kv, start=start, final_qsel=qsel, resume_z=rz)
+            parts.append(D.unembed(ctx, self.params, x, jnp.asarray(inside, np.int32), {}, vocab=self.vocab))
+        rows = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         return _view(rows, before + inside, P, self.vocab, self.cfg.d_vocab)
 
-    def score(self, edits, start=None, resume: bool = False):
-        return self.metric(self.logits(edits, start, resume))
+    def score(self, edits, start=None):
+        return self.metric(self.logits(edits, start))
 
     def generate(self, edits, max_new_tokens: int):
         """Greedy continuation of the base tokens with edits (full prefill; edits whose positions lie in the
@@ -273,14 +280,20 @@ def _view(rows, order, P, vocab, V):
 
 def probe_reads(metric, logits) -> tuple[tuple | None, tuple | None]:
     """Which positions and which token ids of logits [B, P, V] the metric reads: (positions, vocab),
-    each a sorted tuple or None (all / unknown).
+    each a sorted tuple or None (all / unknown). Computing logits only there is exact only if the
+    answer is right, so this errs towards None.
 
-    Candidates are the entries with a non-zero gradient; they are confirmed by re-running the
-    metric with every other entry set to NaN, which must leave the result unchanged and finite.
-    If that fails, positions alone are tried, then nothing is assumed.
+    A metric that declares `reads(P, V)` (jinterp.metrics do) is taken at its word. Otherwise the
+    candidates are the entries with a non-zero gradient, confirmed by re-running the metric with
+    every other entry replaced by NaN and by random values at several scales: each must leave the
+    result unchanged. A gradient that is zero everywhere (argmax, accuracy) means "all".
     """
     logits = jnp.asarray(logits, jnp.float32)
     _, P, V = logits.shape
+    if hasattr(metric, "reads"):
+        return metric.reads(P, V)
+    if hasattr(metric, "inner"):  # an affine rescaling (metrics.Normalized) reads what its metric reads
+        return probe_reads(metric.inner, logits)
     try:
         ref = np.asarray(metric(logits))
         g = np.abs(np.asarray(jax.grad(lambda lg: jnp.sum(jnp.asarray(metric(lg), jnp.float32)))(logits)))
@@ -289,17 +302,22 @@ def probe_reads(metric, logits) -> tuple[tuple | None, tuple | None]:
     pos = np.nonzero(g.sum((0, 2)) > 0)[0]
     voc = np.nonzero(g.sum((0, 1)) > 0)[0]
     if pos.size == 0:
-        pos = np.array([P - 1])
+        return None, None
+    rng = np.random.default_rng(0)
 
     def confirmed(keep_pos, keep_voc):
         kp, kv = np.zeros(P, bool), np.zeros(V, bool)
         kp[keep_pos], kv[keep_voc] = True, True
-        masked = jnp.where(jnp.asarray(kp)[None, :, None] & jnp.asarray(kv)[None, None, :], logits, jnp.nan)
-        try:
-            out = np.asarray(metric(masked))
-        except Exception:
-            return False
-        return bool(np.all(np.isfinite(out)) and np.allclose(out, ref, rtol=1e-6, atol=1e-6))
+        keep = jnp.asarray(kp)[None, :, None] & jnp.asarray(kv)[None, None, :]
+        fills = [jnp.nan] + [jnp.asarray(rng.standard_normal(logits.shape) * sc, jnp.float32) for sc in (1.0, 30.0, 1e4)]
+        for fill in fills:
+            try:
+                out = np.asarray(metric(jnp.where(keep, logits, fill)))
+            except Exception:
+                return False
+            if not (np.all(np.isfinite(out)) and np.allclose(out, ref, rtol=1e-6, atol=1e-6)):
+                return False
+        return True
 
     as_tuple = lambda a, n: None if len(a) == n else tuple(int(i) for i in a)
     if voc.size and confirmed(pos, voc):
@@ -342,20 +360,39 @@ def _bounds(cells, data, *, cell_fn, n_layers, n_prompt):
     return jax.vmap(lambda c: cell_fn.bounds(c, data, n_layers, n_prompt))(cells)
 
 
-def _bytes_per_cell(cfg, B, S, n_pos, n_vocab, itemsize):
+def _bytes_per_cell(cfg, B, S, P, n_pos, n_vocab, itemsize):
     """A rough peak of one cell's live activations: the widest layer intermediates plus its logits."""
-    per_row = 6 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * S
+    per_row = 6 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * P
     return 2 * itemsize * B * (S * per_row + n_pos * n_vocab)
+
+
+def _fingerprint(obj, h) -> None:
+    """Feed a stable description of obj into hash h: array values, dataclass fields, function code."""
+    if isinstance(obj, (np.ndarray, jax.Array)) or hasattr(obj, "__array__") and not callable(obj):
+        a = np.asarray(obj)
+        h.update(str(a.shape).encode() + str(a.dtype).encode() + np.ascontiguousarray(a).tobytes())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(type(obj).__qualname__.encode())
+        for f in dataclasses.fields(obj):
+            _fingerprint(getattr(obj, f.name), h)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _fingerprint(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            _fingerprint(x, h)
+    elif hasattr(obj, "__code__"):
+        code = obj.__code__
+        h.update(f"{obj.__module__}.{obj.__qualname__}".encode() + code.co_code + repr(code.co_consts).encode())
+    else:
+        h.update(repr(obj).encode())
 
 
 def _signature(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
-        if isinstance(p, (np.ndarray, jax.Array)):
-            a = np.asarray(p)
-            h.update(str(a.shape).encode() + str(a.dtype).encode() + a.tobytes())
-        else:
-            h.update(repr(p).encode())
+        _fingerprint(p, h)
     return h.hexdigest()[:16]
 
 
@@ -445,7 +482,8 @@ def sweep(
     if checkpoint_dir is not None:
         from jinterp.checkpoint import SweepStore
 
-        sig = _signature(cfg, cell_fn, metric, positions, vocab, base.tokens, *jax.tree.leaves(cells), *[l.shape for l in jax.tree.leaves(data)])
+        params_sample = [np.asarray(l).ravel()[:4096] for l in jax.tree.leaves(model.params)]
+        sig = _signature(cfg, cell_fn, metric, positions, vocab, base.tokens, base.mask, cells, jax.tree.leaves(data), params_sample)
         store = SweepStore(checkpoint_dir, sig)
         restored = store.load(results)
         if restored is not None:
@@ -461,7 +499,7 @@ def sweep(
         layers = sorted(set(fl[in_bucket].tolist()))
         biggest = max(int((fl[in_bucket] == l).sum()) for l in layers)
         S = P - s
-        cap = chunk_size or max(1, int(memory_budget // _bytes_per_cell(cfg, B, S, len(positions or range(S)), len(vocab or range(cfg.d_vocab)), itemsize)))
+        cap = chunk_size or max(1, int(memory_budget // _bytes_per_cell(cfg, B, S, P, len(positions or range(S)), len(vocab or range(cfg.d_vocab)), itemsize)))
         C = max(1, min(cap, biggest))
         C = n_dev * math.ceil(C / n_dev)
         for l in layers:

@@ -233,3 +233,59 @@ def test_labelled_outputs(setup, tmp_path):
     assert np.load(npz)["values"].shape == r.shape and csv.exists()
     (lab, v), = r.top(1)
     assert v == np.nanmax(r.values)
+
+
+# ---------------------------------------------------------------- regressions from review
+
+
+def test_probe_refuses_to_guess():
+    """Metrics whose gradient says nothing, or that ignore NaN, must read everything."""
+    lg = np.random.RandomState(0).randn(2, 6, 11).astype(np.float32)
+    jnp = jax.numpy
+    for f in (lambda l: jnp.nanmax(l[:, :, 3]), lambda l: (l[:, 2].argmax(-1) == 5).mean(),
+              lambda l: (l[:, -1].argmax(-1) == l[:, 2].argmax(-1)).mean(), lambda l: jnp.max(l[:, :, 3])):
+        assert sweep.probe_reads(f, lg) == (None, None)
+    assert sweep.probe_reads(metrics.logit_diff([[1, 2], [3, 4]], pos=(1, 3)), lg) == ((1, 3), (1, 2, 3, 4))
+
+
+def test_metric_reading_only_before_the_window(setup):
+    """Cells whose edits lie after every position the metric reads change nothing there."""
+    _, m, _, corr, cache, _ = setup
+    metric = metrics.logit_diff(np.random.RandomState(3).randint(0, hf_zoo.V, (B, 2)), pos=1)
+    r = patching.resid_pre(m, corr, cache, metric, progress=False)
+    check(r, naive(m, corr, cache, metric, "hook_resid_pre", (m.cfg.n_layers, P), True, False))
+
+
+def test_prefix_skipping_only_for_the_models_own_unedited_cache(setup):
+    """Same tokens, but the clean cache comes from a steered run: every position must be patched."""
+    _, m, clean, _, _, metric = setup
+    vec = np.random.RandomState(4).randn(m.cfg.d_model).astype(np.float32)
+    _, steered = m.run_with_cache(clean, edits=[E.steer("blocks.0.hook_resid_post", vec, 3.0)])
+    r = patching.resid_pre(m, clean, steered, metric, progress=False)
+    check(r, naive(m, clean, steered, metric, "hook_resid_pre", (m.cfg.n_layers, P), True, False))
+
+
+def test_negative_layers_count_from_the_last(setup):
+    _, m, clean, corr, cache, _ = setup
+    L = m.cfg.n_layers
+    a = m(corr, edits=[E.patch("resid_pre", cache.stack("resid_pre"), layers=[-1], per_layer=True)])
+    b = m(corr, edits=[E.patch("resid_pre", cache.stack("resid_pre"), layers=[L - 1], per_layer=True)])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(E.EditError, match="out of range"):
+        m(corr, edits=[E.patch("resid_pre", cache.stack("resid_pre"), layers=[-L - 1], per_layer=True)])
+
+
+def test_signature_is_stable_for_code_not_addresses():
+    f = lambda l: l[:, -1, 3].mean()
+    g = lambda l: l[:, -1, 4].mean()
+    assert sweep._signature(f) == sweep._signature(f) and sweep._signature(f) != sweep._signature(g)
+    assert sweep._signature(np.ones(3)) != sweep._signature(np.zeros(3))
+
+
+def test_back_patching_judge_and_ragged_targets(setup):
+    _, m, clean, _, _, _ = setup
+    res = patching.back_patching(m, clean, -1, targets=[[1, 2], [3], [4, 5, 6]], max_new_tokens=3, progress=False)
+    assert res.success.shape == (m.cfg.n_layers, m.cfg.n_layers, B)
+    seen = []
+    res = patching.back_patching(m, clean, -1, judge=lambda g, b: seen.append(b) or len(g) == 3, max_new_tokens=3, progress=False)
+    assert res.success.values.all() and sorted(set(seen)) == list(range(B))
