@@ -63,6 +63,7 @@ def save_model(model, path) -> None:
         "name": model.name,
         "dtype": str(model.dtype),
         "shapes": jax.tree.map(lambda a: list(a.shape), model.params),
+        "dtypes": jax.tree.map(lambda a: str(a.dtype), model.params),
     }
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     save_tree(path / "params", model.params)
@@ -80,13 +81,15 @@ def load_model(path, dtype=None):
     path = Path(path)
     meta = json.loads((path / CONFIG_FILE).read_text())
     cfg = _config_from_json(meta["config"])
-    saved_dtype = jnp.dtype(meta["dtype"])
     like = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(tuple(s), saved_dtype), meta["shapes"], is_leaf=lambda x: isinstance(x, list)
+        lambda s, d: jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d)), meta["shapes"], meta["dtypes"],
+        is_leaf=lambda x: isinstance(x, list),
     )
     params = restore_tree(path / "params", like)
     if dtype is not None:
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        from jinterp.loading import cast
+
+        params = cast(params, dtype)
     tok = None
     if (path / "tokenizer").exists():
         from transformers import AutoTokenizer

@@ -17,7 +17,8 @@ holds::
     x' = where(mask, new, x)
 
 Selectors: `layers`, `heads`, `pos` and `key_pos` are each None (all), an int or a sequence of
-ints (indices; negative positions count from the end of the prompt), or a boolean mask. `pos`
+ints (indices; negative layers count from the last layer, negative positions from the end of
+the prompt), or a boolean mask. `pos`
 and `key_pos` may be per example: int [batch, k] or bool [batch, seq]. A `value` is broadcast
 against the site's shape (right-aligned, as numpy does); if it has the position axis at full
 sequence length it is read at the positions being computed. With `per_layer=True` the value
@@ -78,7 +79,11 @@ def _sel(x):
         return None
     if isinstance(x, range):
         x = list(x)
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError("a selector is None (all), an int, a list of ints or a boolean mask, not a bare bool")
     a = x if isinstance(x, jax.Array) else np.asarray(x)
+    if a.size == 0:
+        raise ValueError("an empty selector selects nothing; pass None for all, or a boolean mask of False")
     if a.dtype == bool:
         return jnp.asarray(a)
     if not np.issubdtype(a.dtype, np.integer):
@@ -212,6 +217,10 @@ def validate(cfg: Config, edits, batch: int, seq: int) -> tuple[Edit, ...]:
             d_last = site_shape(cfg, e.site, batch, seq)[lay[-1]]
             if b.shape[0] != d_last:
                 raise EditError(f"{where}: basis has {b.shape[0]} rows but the site's last axis has size {d_last}")
+        if e.site in S.GLOBAL_SITES and e.per_layer:
+            raise EditError(f"{where}: {e.site!r} is a global site; its value has no layer axis (per_layer=False)")
+        if e.layers is not None and np.ndim(e.layers) != 1:
+            raise EditError(f"{where}: layers must be a list of layer indices or a [n_layers] mask, got shape {np.shape(e.layers)}")
         _check_sel(where, "layers", e.layers, cfg.n_layers, "layer", batch=None)
         head_n = cfg.n_kv_heads if "kv_head" in lay else cfg.n_heads
         if e.heads is not None and "head" not in lay and "kv_head" not in lay:
@@ -238,7 +247,7 @@ def _check_sel(where, name, sel, n, what, batch):
         if a.shape[-1] != n or (a.ndim == 2 and batch is not None and a.shape[0] not in (1, batch)) or a.ndim > 2:
             raise EditError(f"{where}: {name} mask has shape {a.shape}, expected [{n}]" + (f" or [{batch}, {n}]" if batch else ""))
         return
-    lo = -n if name in ("pos", "key_pos") else 0
+    lo = -n if name in ("pos", "key_pos", "layers") else 0
     if a.size and (a.min() < lo or a.max() >= n):
         bad = a[(a < lo) | (a >= n)].ravel()[0]
         raise EditError(f"{where}: {what} {bad} is out of range; valid {name} are {lo}..{n - 1}")
@@ -289,18 +298,18 @@ def _place(m, lay, axes):
     return m.reshape(shape)
 
 
-def apply(e: Edit, x, *, layer, cols, n_prompt, n_keys):
+def apply(e: Edit, x, *, layer, cols, n_prompt, n_keys, n_layers):
     """Apply one edit to activation x at a site with layout S.layout(e.site).
 
     layer: traced or static layer index (None for global sites); cols: absolute column index of
     each row on x's position axis [m]; n_prompt: prompt length (negative positions count from it);
-    n_keys: length of the key axis for attention maps.
+    n_keys: length of the key axis for attention maps; n_layers: negative layers count from it.
     """
     lay = S.layout(e.site)
     n = len(lay)
     masks = []
     if e.layers is not None:
-        lm = _member(e.layers, jnp.asarray(layer)[None], n_prompt)[0] if e.layers.dtype != jnp.bool_ else e.layers[layer]
+        lm = _member(e.layers, jnp.asarray(layer)[None], n_layers)[0] if e.layers.dtype != jnp.bool_ else e.layers[layer]
         masks.append(lm)
     if "pos" in lay and e.pos is not None:
         pm = _member(e.pos, cols, n_prompt)
@@ -357,12 +366,12 @@ def first_layer(e: Edit, n_layers: int):
         return jnp.int32(0)
     if e.layers.dtype == jnp.bool_:
         return jnp.argmax(e.layers).astype(jnp.int32)
-    return jnp.min(e.layers).astype(jnp.int32)
+    return jnp.min(jnp.where(e.layers < 0, e.layers + n_layers, e.layers)).astype(jnp.int32)
 
 
 def first_col(e: Edit, n_prompt: int):
     """Smallest position whose activations an edit can change (traceable)."""
-    if e.pos is None or e.site in ("hook_embed", "hook_pos_embed") and e.pos is None:
+    if e.pos is None:
         return jnp.int32(0)
     p = e.pos
     if p.dtype == jnp.bool_:

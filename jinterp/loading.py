@@ -58,6 +58,17 @@ def resolve(source) -> Path:
         ) from e
 
 
+def cast(params, dtype):
+    """Parameters to `dtype`, except norm weights and biases, which stay float32 (they are tiny, and HF
+    computes norms in float32; Gemma's folded 1 + w would lose precision in bfloat16)."""
+
+    def leaf(path, a):
+        in_norm = any(str(getattr(k, "key", "")).startswith(("ln", "q_norm", "k_norm")) for k in path)
+        return jnp.asarray(a, dtype=jnp.float32 if in_norm else dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bool = True) -> Model:
     """Load a model for jinterp.
 
@@ -92,7 +103,7 @@ def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bo
     extra = [n for n in reader.unused() if not n.endswith(_BUFFERS) and "lm_head" not in n]
     if extra:
         warnings.warn(f"{len(extra)} checkpoint tensors were not used, e.g. {extra[:3]}", stacklevel=2)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), np_params)
+    params = cast(np_params, dtype)
     tok = None
     if tokenizer and any(path.glob("tokenizer*")):
         from transformers import AutoTokenizer

@@ -177,6 +177,17 @@ def test_identities(pair):
     np.testing.assert_allclose(np.asarray(patched), np.asarray(clean_logits), atol=2e-5)
 
 
+def hf_generate_with_hook(hf, prompt, layer, hook, n=6):
+    """HF greedy generation with a forward hook on one decoder layer."""
+    hk = hf_zoo.layers(hf)[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                               max_new_tokens=n, do_sample=False).numpy()
+    finally:
+        hk.remove()
+
+
 def test_back_patched_generation_matches_hf_prompt_only_hook(pair):
     """Hopping Too Late: resid_post[i] at t written into resid_post[j] at t on the prompt pass only."""
     name, hf, m = pair
@@ -184,7 +195,6 @@ def test_back_patched_generation_matches_hf_prompt_only_hook(pair):
     prompt = toks(4)
     _, cache = m.run_with_cache(prompt, names=[f"blocks.{i}.hook_resid_post"])
     H = np.array(cache[f"blocks.{i}.hook_resid_post"])[:, t]
-    layer = hf_zoo.layers(hf)[j]
 
     def post(mod, a, o):
         h = o[0] if isinstance(o, tuple) else o
@@ -194,13 +204,7 @@ def test_back_patched_generation_matches_hf_prompt_only_hook(pair):
         h[:, t] = torch.as_tensor(H)
         return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
 
-    hk = layer.register_forward_hook(post)
-    try:
-        with torch.no_grad():
-            ref = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                              max_new_tokens=6, do_sample=False).numpy()
-    finally:
-        hk.remove()
+    ref = hf_generate_with_hook(hf, prompt, j, post)
     e = E.patch(f"blocks.{j}.hook_resid_post", cache[f"blocks.{i}.hook_resid_post"], pos=[t])
     np.testing.assert_array_equal(np.asarray(m.generate(prompt, 6, edits=[e])), ref)
 
@@ -209,15 +213,9 @@ def test_steering_generation_applies_to_new_tokens(pair):
     """pos=None edits reach generated tokens too: compare with an HF hook that fires on every pass."""
     name, hf, m = pair
     vec = 3 * np.random.RandomState(5).randn(m.cfg.d_model).astype(np.float32)
-    layer = hf_zoo.layers(hf)[1]
-    hk = layer.register_forward_hook(lambda mod, a, o: ((o[0] + torch.as_tensor(vec),) + tuple(o[1:])) if isinstance(o, tuple) else o + torch.as_tensor(vec))
     prompt = toks(6)
-    try:
-        with torch.no_grad():
-            ref = hf.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-                              max_new_tokens=6, do_sample=False).numpy()
-    finally:
-        hk.remove()
+    add = lambda mod, a, o: ((o[0] + torch.as_tensor(vec),) + tuple(o[1:])) if isinstance(o, tuple) else o + torch.as_tensor(vec)
+    ref = hf_generate_with_hook(hf, prompt, 1, add)
     ours = m.generate(prompt, 6, edits=[E.steer("blocks.1.hook_resid_post", vec)])
     np.testing.assert_array_equal(np.asarray(ours), ref)
 
@@ -258,3 +256,18 @@ def test_bad_edits_rejected(pair):
         m(x, edits=[E.zero_ablate("resid_pre", layers=0, heads=[0])])
     with pytest.raises(E.EditError, match="not an Edit"):
         m(x, edits=["blocks.0.hook_resid_pre"])
+
+
+def test_more_bad_edits_and_generate_args(pair):
+    _, _, m = pair
+    x = toks(0)
+    with pytest.raises(E.EditError, match="global site"):
+        m(x, edits=[E.patch("ln_final.hook_scale", np.ones((2, B, P, 1)), per_layer=True)])
+    with pytest.raises(ValueError, match="empty selector"):
+        E.zero_ablate("resid_pre", layers=[])
+    with pytest.raises(TypeError, match="bare bool"):
+        E.zero_ablate("resid_pre", layers=True)
+    with pytest.raises(jinterp.InputError, match="max_new_tokens"):
+        m.generate(x, 0)
+    with pytest.raises(jinterp.InputError, match="top_k"):
+        m.generate(x, 2, do_sample=True, top_k=m.cfg.d_vocab + 1)

@@ -57,7 +57,7 @@ class Ctx:
 
     def site(self, name, x, layer, cols, acts):
         for e in self.by_site.get(name, ()):
-            x = E.apply(e, x, layer=layer, cols=cols, n_prompt=self.n_prompt, n_keys=self.n_keys)
+            x = E.apply(e, x, layer=layer, cols=cols, n_prompt=self.n_prompt, n_keys=self.n_keys, n_layers=self.cfg.n_layers)
         if name in self.record:
             acts[name] = x
         return x
@@ -253,6 +253,8 @@ def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None
     block_rec = {n: ls for n, ls in ctx.record.items() if ls is not None}
     if final_qsel is not None and block_rec:
         raise ValueError("recording block activations needs every row of the last block (final_qsel=None)")
+    if want_kv and (start is not None or final_qsel is not None):
+        raise ValueError("want_kv (decoding) runs every block on every row: no start or final_qsel")
     n_scan = L - 1 if final_qsel is not None else L
     at = lambda tree, i: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
@@ -275,17 +277,13 @@ def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None
         if start is None:
             x2, kv2, acts = layer_fn(x, i)
         else:
-            skip = lambda x: (
-                x,
-                None if not want_kv else at(kv, i),
-                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe[2]),
-            )
+            skip = lambda x: (x, None, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe[2]))
             if resume_z is None:
                 x2, kv2, acts = lax.cond(i >= start, lambda x: layer_fn(x, i), skip, x)
             else:
                 def from_z(x):
                     x, _, acts = block(ctx, at(blocks, i), x, i, cols, z=at(resume_z, i))
-                    return x, (at(kv, i) if want_kv else None), acts
+                    return x, None, acts
 
                 branch = (i >= start).astype(jnp.int32) + (i > start).astype(jnp.int32)
                 x2, kv2, acts = lax.switch(branch, [skip, from_z, lambda x: layer_fn(x, i)], x)
@@ -299,9 +297,7 @@ def run_stack(ctx: Ctx, blocks, x, cols, *, kv=None, start=None, final_qsel=None
     (x, bufs), (ys, kv_out) = lax.scan(body, (x, bufs0), jnp.arange(n_scan))
     if final_qsel is not None:
         kv_last = None if kv is None else at(kv, L - 1)
-        x, kv_l, _ = block(ctx, at(blocks, L - 1), x, L - 1, cols, kv_last, qsel=np.asarray(final_qsel))
-        if want_kv and kv_out is not None:
-            kv_out = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), kv_out, kv_l)
+        x, _, _ = block(ctx, at(blocks, L - 1), x, L - 1, cols, kv_last, qsel=np.asarray(final_qsel))
     acts = dict(ys)
     acts.update(bufs)
     return x, kv_out, acts
