@@ -13,6 +13,8 @@ the activation.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,16 @@ from jinterp.sweep import Labelled
 
 # site -> the axes the attribution keeps (everything else is summed over)
 DEFAULT_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "record", "metric"))
+def _value_and_grads(params, tokens, mask, zeros, *, cfg, record, metric):
+    def f(values):
+        edits = tuple(E.Edit(site=s, op="add", value=v, per_layer=s not in S.GLOBAL_SITES) for s, v in values.items())
+        logits, acts = decoder.forward(params, tokens, mask, edits, cfg=cfg, record=record)
+        return jnp.asarray(metric(logits), jnp.float32), acts
+
+    return jax.value_and_grad(f, has_aux=True)(zeros)
 
 
 def _grads(model, tokens, mask, metric, locals_):
@@ -43,12 +55,7 @@ def _grads(model, tokens, mask, metric, locals_):
             record[site] = tuple(range(cfg.n_layers))
             zeros[site] = jnp.zeros((cfg.n_layers,) + shape, jnp.float32)
 
-    def f(values):
-        edits = tuple(E.Edit(site=s, op="add", value=v, per_layer=s not in S.GLOBAL_SITES) for s, v in values.items())
-        logits, acts = decoder.forward(model.params, tokens, mask, edits, cfg=cfg, record=tuple(sorted(record.items())))
-        return jnp.asarray(metric(logits), jnp.float32), acts
-
-    (value, acts), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(zeros)
+    (value, acts), grads = _value_and_grads(model.params, tokens, mask, zeros, cfg=cfg, record=tuple(sorted(record.items())), metric=metric)
     return value, acts, grads
 
 
@@ -76,9 +83,11 @@ def attribution_patching(model, clean_tokens, corrupted_tokens, metric, sites=DE
         prod = (jnp.asarray(c, jnp.float32) - jnp.asarray(acts[site], jnp.float32)) * grads[site]
         # axes of prod: ([layer], *lay); keep layer, pos (or query pos), head
         axes = ([] if glob else ["layer"]) + list(lay)
-        keep = [a for a in axes if a in ("layer", "head", "kv_head") or (a == "pos" and by_pos)]
+        keep = [a for a in ("layer", "pos", "head", "kv_head") if a in axes and (a != "pos" or by_pos)]
         red = tuple(i for i, a in enumerate(axes) if a not in keep)
-        vals = np.asarray(prod.sum(red))
+        summed = prod.sum(red)
+        left = [a for a in axes if a in keep]  # the order after summing; reorder to (layer, pos, head)
+        vals = np.asarray(jnp.transpose(summed, [left.index(a) for a in keep]))
         labels = []
         for a in keep:
             n = {"layer": cfg.n_layers, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads, "pos": clean.shape[1]}[a]
@@ -94,12 +103,15 @@ def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attent
     {"heads": Labelled [layer, head], "components": Labelled [component] (embeddings, each layer's
     attention and MLP output), "bias": the constant part (norm bias, b_U, and b_O's per-layer sums
     are inside the attention components), "total": the model's logit difference}.
-    Values are averaged over the batch; components + bias == total up to float rounding.
+    Values are averaged over the batch; components + bias == total up to float rounding, except
+    with a final logit soft-cap (Gemma 2), which is not linear. Head results are z @ W_O, before
+    any post-attention norm (Gemma 2's ln1_post).
     """
     cfg = model.config
     tokens, mask = model._inputs(tokens, attention_mask)
     ans = np.asarray(answer_tokens)
-    logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    need = ("hook_embed", "hook_pos_embed", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "ln_final.hook_scale")
+    logits, cache = model.run_with_cache(tokens, names=lambda n: n.endswith(need), attention_mask=mask)
     P = tokens.shape[1]
     p = pos % P
     direction = model.tokens_to_residual_directions(ans[:, 0]) - model.tokens_to_residual_directions(ans[:, 1])  # [B, D]

@@ -8,8 +8,11 @@ d_head x d_head cores, never a d_model x d_model product unless `.AB` asks for i
 
 `fold_ln=True` (the default, like TransformerLens's from_pretrained) folds the reading norm's
 weight into the reading matrices (W_Q, W_K, W_V of layer l are preceded by ln1 of layer l) and,
-for LayerNorm models, centres what heads write (W_O's output minus its mean over d_model), which
-is what the next LayerNorm sees. Biases and Gemma 2's post-attention norms are left out.
+for LayerNorm models, centres both sides over d_model as TransformerLens's fold_ln and
+center_writing_weights do: what heads write (W_O's output) and what they read (the rows of
+W_Q/W_K/W_V), since a LayerNorm's output has no component along the all-ones direction. Biases
+and Gemma 2's post-attention norms are left out. Composition scores are NaN (TransformerLens: 0)
+for pairs whose writer is not in an earlier layer; SVDs return Vh (TransformerLens returns V).
 
 Grouped-query models: W_K and W_V are shared by the query heads of a group; OV and QK are
 per query head, with the group's key/value weights.
@@ -136,6 +139,7 @@ def head_weights(model, fold_ln: bool = True) -> HeadWeights:
         w = f32(model.params["blocks"]["ln1"]["w"])[:, None, :, None]  # [L, 1, D, 1]
         Wq, Wk, Wv = Wq * w, Wk * w, Wv * w
         if cfg.norm == "layernorm":
+            Wq, Wk, Wv = (x - x.mean(-2, keepdims=True) for x in (Wq, Wk, Wv))
             Wo = Wo - Wo.mean(-1, keepdims=True)
     return HeadWeights(Wq, Wk, Wv, Wo)
 
@@ -161,7 +165,8 @@ def svd(model, kind: str = "OV", fold_ln: bool = True):
 def svd_tokens(model, layer: int, head: int, kind: str = "OV", n_vectors: int = 5, k: int = 10, fold_ln: bool = True) -> list[dict]:
     """Read a head's top singular directions out as tokens (TransformerLens's SVDInterpreter).
 
-    OV: each output direction (a row of Vh) through the unembedding W_U. QK: each query-side
+    OV: each output direction (a row of Vh) through the unembedding (with the final norm's weight
+    folded in, as TransformerLens's W_U is after fold_ln). QK: each query-side
     direction (a column of U) and key-side direction (a row of Vh) through the embedding W_E.
     Singular vectors have no sign, so both ends are listed. Returns one dict per direction.
     """
@@ -180,8 +185,9 @@ def svd_tokens(model, layer: int, head: int, kind: str = "OV", n_vectors: int = 
         return out
 
     n = min(n_vectors, len(s))
-    if kind.upper() == "OV":
-        reads = read(vh[:n], np.asarray(model.params["unembed"]["W_U"], np.float32))
+    if kind.upper() == "OV":  # through the effective unembedding: the final norm's weight folded in
+        W_U = np.asarray(model.params["ln_final"]["w"], np.float32)[:, None] * np.asarray(model.params["unembed"]["W_U"], np.float32)
+        reads = read(vh[:n], W_U)
         return [dict(component=i, singular_value=float(s[i]), **reads[i]) for i in range(n)]
     WE = np.asarray(model.params["embed"]["W_E"], np.float32).T
     q, kk = read(u[:, :n].T, WE), read(vh[:n], WE)
@@ -306,10 +312,15 @@ def rescale_components(model, layer: int, head: int, components, factor=0.0, kin
     output, so the OV product changes exactly as asked and W_V (shared across a GQA group) is
     untouched. QK = sum_r s_r u_r v_r^T: W_Q <- (I + (f - 1) sum_r u'_r u'_r^T) W_Q, on the query side
     (per head even under GQA). With fold_ln the components are those of the folded matrices, and the
-    projection is mapped back through the norm weight.
+    projection is mapped back through the norm weight. Repeated components count once; indices
+    must be below d_head.
     """
     cfg = model.config
-    comps = np.atleast_1d(np.asarray(components))
+    comps = np.unique(np.atleast_1d(np.asarray(components)))
+    if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+        raise ValueError(f"head L{layer}H{head} out of range ({cfg.n_layers} layers x {cfg.n_heads} heads)")
+    if comps.size == 0 or comps.min() < 0 or comps.max() >= cfg.d_head:
+        raise ValueError(f"components must be in 0..{cfg.d_head - 1} (a head's OV/QK has rank <= d_head), got {components}")
     f = jnp.asarray(factor, jnp.float32)
     hw = head_weights(model, fold_ln)
     if kind.upper() == "OV":

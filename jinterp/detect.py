@@ -7,8 +7,9 @@ A detector is a boolean target mask over (query, key) per example, built from th
     induction        key <= query and tokens[key - 1] == tokens[query]   (the token after an earlier copy)
 
 A head's score is the attention mass it puts on target keys, averaged over the query rows that
-have at least one target (rows with no target say nothing about the head). Scores are
-[n_layers, n_heads] from one cached forward pass.
+have at least one target (rows with no target say nothing about the head; TransformerLens's
+detect_head averages over every row instead). Scores are [n_layers, n_heads] from one cached
+forward pass.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def induction_mask(tokens) -> np.ndarray:
     t = np.asarray(tokens)
     P = t.shape[1]
     m = np.zeros(t.shape + (P,), bool)
-    # key k (>= 1) is a target for query q when tokens[k - 1] == tokens[q] and k - 1 < q
+    # key k (>= 1) is a target for query q when tokens[k - 1] == tokens[q] and k <= q
     m[:, :, 1:] = t[:, :, None] == t[:, None, :-1]
-    return m & np.tril(np.ones((P, P), bool))[None] & ~np.eye(P, dtype=bool)[None]
+    return m & np.tril(np.ones((P, P), bool))[None]
 
 
 MASKS = {"previous_token": previous_token_mask, "duplicate_token": duplicate_token_mask, "induction": induction_mask}
@@ -87,7 +88,9 @@ def retrieval_scores(
     `min_recall` of the needle's tokens (ROUGE-1) count; a head's score is its mean over them.
 
     The attention rows of incremental decoding equal those of one teacher-forced forward over
-    prompt + generation (causal attention), so all steps and heads come from one cached pass.
+    prompt + generation (causal attention), so all steps and heads come from one cached pass (which
+    holds [n_layers, n_heads, T, T] attention maps: fine for the short haystacks of small models,
+    not for 50K-token contexts). ROUGE-1 is computed on token ids, not stemmed words.
     Returns {"scores": [n_layers, n_heads], "n_samples": counted samples, "recall": per sample}.
     """
     cfg = model.config
@@ -99,8 +102,8 @@ def retrieval_scores(
         P = prompt.shape[1]
         gen = np.asarray(model.generate(prompt, max_new_tokens, stop_at_eos=False))[0, P:]
         if stop_token is not None and (gen == stop_token).any():
-            gen = gen[: int(np.argmax(gen == stop_token))]
-        rec = rouge1_recall(gen, prompt[0, a:b])
+            gen = gen[: int(np.argmax(gen == stop_token)) + 1]  # the stop step is scored, as in the original
+        rec = rouge1_recall(gen[gen != stop_token] if stop_token is not None else gen, prompt[0, a:b])
         recalls.append(rec)
         if rec <= min_recall or len(gen) == 0:
             continue

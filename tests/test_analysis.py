@@ -188,7 +188,7 @@ def test_detectors_against_loops(bundled):
                         elif kind == "duplicate_token":
                             keys = [k for k in range(q) if t[b, k] == t[b, q]]
                         else:
-                            keys = [k for k in range(1, q) if t[b, k - 1] == t[b, q]]
+                            keys = [k for k in range(1, q + 1) if t[b, k - 1] == t[b, q]]
                         if keys:
                             total += pats[l, b, h, q, keys].sum()
                             rows += 1
@@ -256,3 +256,15 @@ def test_bundled_circuit_found_by_detectors_and_k_composition(bundled):
     r = detect.retrieval_scores(m, prompts, spans, max_new_tokens=6)
     assert r["n_samples"] > 0
     assert r["scores"][1].min() > 0.3 and r["scores"][0].max() < 0.1
+
+
+def test_int_pos_slice_drops_the_axis_like_transformerlens(pair):
+    _, m = pair
+    _, cache = m.run_with_cache(toks(0))
+    stack = cache.decompose_resid(pos_slice=-1)  # [n, B, D]
+    assert stack.ndim == 3
+    normed = cache.apply_ln_to_stack(stack, pos_slice=-1)
+    ref = cache.apply_ln_to_stack(cache.decompose_resid(), pos_slice=None)[:, :, -1]
+    np.testing.assert_allclose(np.asarray(normed), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    attr = attribution.attribution_patching(m, toks(0), toks(1), metrics.logit_diff(toks(2, p=2)), sites=["pattern"])
+    assert attr["attn.hook_pattern"].axes == ("layer", "pos", "head")

@@ -25,8 +25,9 @@ def np_heads(m, fold):
             Wq, Wk, Wv, Wo = a["W_Q"][l, h], a["W_K"][l, h // G], a["W_V"][l, h // G], a["W_O"][l, h]
             if fold:
                 Wq, Wk, Wv = (np.diag(w[l]) @ x for x in (Wq, Wk, Wv))
-                if c.norm == "layernorm":
-                    Wo = Wo - Wo.mean(-1, keepdims=True)
+                if c.norm == "layernorm":  # centring matrix C = I - 11^T/D on both sides
+                    C = np.eye(c.d_model) - 1.0 / c.d_model
+                    Wq, Wk, Wv, Wo = C @ Wq, C @ Wk, C @ Wv, Wo @ C
             out[l, h] = dict(OV=Wv @ Wo, QK=Wq @ Wk.T)
     return out
 
@@ -100,7 +101,7 @@ def test_component_composition(model):
 def test_svd_tokens_reads_out_through_unembedding(model):
     res = circuits.svd_tokens(model, 1, 0, "OV", n_vectors=2, k=3)
     _, _, vh = circuits.svd(model, "OV")
-    logits = np.asarray(vh[1, 0, 0]) @ np.asarray(model.params["unembed"]["W_U"])
+    logits = np.asarray(vh[1, 0, 0]) @ (np.asarray(model.params["ln_final"]["w"])[:, None] * np.asarray(model.params["unembed"]["W_U"]))
     assert [t for t, _ in res[0]["top"]] == [str(i) for i in np.argsort(logits)[::-1][:3]]
     assert res[0]["singular_value"] >= res[1]["singular_value"]
     q = circuits.svd_tokens(model, 1, 0, "QK", n_vectors=1, k=2)
@@ -119,8 +120,10 @@ def test_rescale_components(model, kind, fold):
     others = {k: v for k, v in np_heads(edited, fold).items() if k != (1, 1)}
     for k, v in others.items():
         np.testing.assert_allclose(v[kind], np_heads(model, fold)[k][kind], atol=1e-6)
-    removed = np_heads(model.with_params(circuits.remove_components(model, 1, 1, [0], kind, fold)), fold)[1, 1][kind]
+    removed = np_heads(model.with_params(circuits.remove_components(model, 1, 1, [0, 0], kind, fold)), fold)[1, 1][kind]
     np.testing.assert_allclose(np.linalg.svd(removed)[1][: model.cfg.d_head - 1], S[1 : model.cfg.d_head], rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="components must be in"):
+        circuits.remove_components(model, 1, 1, [model.cfg.d_head], kind, fold)
 
 
 def test_zero_head_equals_ablating_it_and_runs_through_sweeps(model):
