@@ -6,7 +6,9 @@ the same dir. Both run resid_pre ([layer, pos]) and head-out ([layer, head]) pat
 logit-difference metric at the last position, on batch 8 x 16 tokens.
 
 Prints, per sweep: jinterp's first call (with compilation) and warm time, TransformerLens's time,
-their ratio, and the largest absolute difference between the two result arrays.
+their ratio, and the largest absolute difference between the two result arrays. Timings drift on
+shared machines, so each round times jinterp (median of --warm-runs) and TransformerLens back to
+back, and the speed-up is the median of the rounds' ratios.
 
 Two input scenarios: by default clean and corrupted are unrelated random tokens (the worst case
 for jinterp: nothing is shared, so every cell recomputes every position from its layer on).
@@ -60,7 +62,8 @@ def main():
     ap.add_argument("--small", action="store_true", help="4 layers x 256 wide, for a quick check")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--warm-runs", type=int, default=5)
+    ap.add_argument("--warm-runs", type=int, default=3, help="jinterp warm runs per round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (jinterp warm runs, one TransformerLens run)")
     ap.add_argument("--skip-tl", action="store_true", help="time jinterp only")
     ap.add_argument("--shared-prefix", type=int, default=None, help="IOI-like pairs: corrupted differs from clean at two positions >= K")
     ap.add_argument("--json", help="also write the figures here")
@@ -103,15 +106,23 @@ def main():
             _, tl_cache = tl.run_with_cache(torch.as_tensor(clean))
             tl(torch.as_tensor(corrupted))  # warm up
     for name, fn, tl_name in sweeps:
-        ours, first = timed(lambda: fn(model, corrupted, clean_cache, metric, progress=False))
-        warms = [timed(lambda: fn(model, corrupted, clean_cache, metric, progress=False))[1] for _ in range(a.warm_runs)]
-        warm = float(np.median(warms))  # this machine's timings vary by about 10% run to run
-        row = dict(sweep=name, cells=int(np.prod(ours.shape)), jinterp_first_s=round(first, 3), jinterp_warm_s=round(warm, 3),
-                   jinterp_warm_min_s=round(min(warms), 3))
+        run = lambda: fn(model, corrupted, clean_cache, metric, progress=False)
+        ours, first = timed(run)
+        row = dict(sweep=name, cells=int(np.prod(ours.shape)), jinterp_first_s=round(first, 3))
+        warms, tls, ratios = [], [], []
+        # this machine's speed drifts by tens of percent over minutes: each round times both back to back
+        for _ in range(a.rounds):
+            w = [timed(run)[1] for _ in range(a.warm_runs)]
+            warms += w
+            if tl is not None:
+                with torch.no_grad():
+                    theirs, t_tl = timed(lambda: getattr(tlp, tl_name)(tl, torch.as_tensor(corrupted), tl_cache, tl_metric))
+                tls.append(t_tl)
+                ratios.append(t_tl / float(np.median(w)))
+        row.update(jinterp_warm_s=round(float(np.median(warms)), 3), jinterp_warm_min_s=round(min(warms), 3))
         if tl is not None:
-            with torch.no_grad():
-                theirs, t_tl = timed(lambda: getattr(tlp, tl_name)(tl, torch.as_tensor(corrupted), tl_cache, tl_metric))
-            row.update(transformerlens_s=round(t_tl, 3), speedup_warm=round(t_tl / warm, 1), speedup_first=round(t_tl / first, 1),
+            row.update(transformerlens_s=round(float(np.median(tls)), 3), speedup_warm=round(float(np.median(ratios)), 1),
+                       speedup_warm_rounds=[round(r, 1) for r in ratios], speedup_first=round(float(np.median(tls)) / first, 1),
                        max_abs_diff=float(np.abs(np.asarray(ours.values) - theirs.numpy()).max()))
         rows.append(row)
         print(json.dumps(row), flush=True)
