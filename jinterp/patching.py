@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jinterp import edits as E
 from jinterp import sites as S
-from jinterp.arch import decoder as D
-from jinterp.sweep import Labelled, Runner, base_run, sweep
+from jinterp.sweep import Labelled, Runner, sweep
 
 
 class PatchingError(ValueError):

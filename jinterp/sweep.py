@@ -37,7 +37,6 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from jinterp import edits as E
 from jinterp import sites as S
 from jinterp.arch import decoder as D
 
@@ -467,7 +466,7 @@ def sweep(
         fl, fc = np.zeros(N, np.int32), np.zeros(N, np.int32)
     fc = np.maximum(fc, int(unchanged_prefix))
     starts = window_starts(P) if windows else [0]
-    if 0 < unchanged_prefix < P:
+    if windows and 0 < unchanged_prefix < P:
         starts = sorted(set(starts) | {int(unchanged_prefix)})
     s0 = np.array([max(s for s in starts if s <= c) for c in fc], np.int32)
 
@@ -493,7 +492,7 @@ def sweep(
     n_dev = 1 if mesh is None else int(np.prod(mesh.devices.shape[:1]))
     itemsize = jnp.dtype(model.dtype).itemsize
     todo = np.nonzero(~done)[0]
-    plan = []  # (s0, start, indices)
+    plan = []  # (window start, start layer, chunk size, cell indices)
     for s in sorted(set(s0[todo].tolist())):
         in_bucket = todo[s0[todo] == s]
         layers = sorted(set(fl[in_bucket].tolist()))
