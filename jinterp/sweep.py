@@ -346,12 +346,27 @@ def window_starts(P: int, min_window: int = 4) -> list[int]:
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab"))
-def _run_chunk(params, base, cells, data, start, *, cfg, cell_fn, metric, s0, positions, vocab=None):
+def _chunk(params, base, cells, data, start, *, cfg, cell_fn, metric, s0, positions, vocab):
     def one(cell):
         return cell_fn(cell, data, Runner(params, cfg, base, start, s0, positions, metric, vocab))
 
     return jax.vmap(one)(cells)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "mesh"))
+def _run_chunk(params, base, cells, data, start, *, cfg, cell_fn, metric, s0, positions, vocab=None, mesh=None):
+    """One chunk of cells, vmapped. With a mesh, shard_map splits the cells over its first axis and
+    every device runs the single-device program on its slice (no SPMD partitioning of the model)."""
+    body = functools.partial(_chunk, cfg=cfg, cell_fn=cell_fn, metric=metric, s0=s0, positions=positions, vocab=vocab)
+    if mesh is None:
+        return body(params, base, cells, data, start)
+    from jax.sharding import PartitionSpec as PS
+
+    rep, split = PS(), PS(mesh.axis_names[0])
+    # each device runs an independent single-device program: no cross-device values to type-check
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, split, rep, rep), out_specs=split, check_vma=False)(
+        params, base, cells, data, start
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cell_fn", "n_layers", "n_prompt"))
@@ -437,7 +452,7 @@ def sweep(
     change them and no cell recomputes them.
     metric_positions: "auto" (probe which positions and token ids the metric reads, and compute
     logits only there), None (all), or the positions.
-    mesh: a jax.sharding.Mesh whose first axis shards the cells (None: one device).
+    mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device).
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
     """
     cfg = model.config
@@ -511,18 +526,11 @@ def sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=desc, unit="cell", leave=False)
-    shard = None
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        shard = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-
     def dispatch(s, l, C, idx):
         pad = np.concatenate([idx, np.repeat(idx[:1], C - len(idx))])
         chunk = {k: v[pad] for k, v in cells.items()}
-        if shard is not None:
-            chunk = jax.device_put(chunk, shard)
-        out = _run_chunk(model.params, base, chunk, data, jnp.int32(l), cfg=cfg, cell_fn=cell_fn, metric=metric, s0=int(s), positions=positions, vocab=vocab)
+        out = _run_chunk(model.params, base, chunk, data, jnp.int32(l), cfg=cfg, cell_fn=cell_fn, metric=metric, s0=int(s),
+                         positions=positions, vocab=vocab, mesh=mesh)
         return idx, out
 
     last_save = time.time()

@@ -8,3 +8,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drop compiled executables after each module: a long run otherwise keeps hundreds of them alive."""
+    yield
+    jax.clear_caches()
+    gc.collect()
