@@ -504,7 +504,7 @@ def sweep(
             results, done = restored
 
     # group cells by (window start, first layer); chunk each group
-    n_dev = 1 if mesh is None else int(np.prod(mesh.devices.shape[:1]))
+    n_dev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
     itemsize = jnp.dtype(model.dtype).itemsize
     todo = np.nonzero(~done)[0]
     plan = []  # (window start, start layer, chunk size, cell indices)

@@ -1,4 +1,7 @@
+import gc
 import os
+
+import pytest
 
 # Multi-device code is tested on 8 virtual CPU devices; this must run before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,11 +11,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-
-import gc  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
