@@ -93,18 +93,18 @@ def _sel(x):
 
 def _site_and_layers(site: str, layers):
     """Accept 'blocks.3.hook_z' (layer in the name) or a local name/alias plus `layers`."""
-    m = S._FULL.match(site)
-    if m:
+    split = S.split_name(site)
+    if split:
         if layers is not None:
             raise ValueError(f"{site!r} already names its layer; drop layers= or use the local site name")
-        site, layers = m.group(2), int(m.group(1))
+        layers, site = split
     return S.ALIASES.get(site, site), _sel(layers)
 
 
 def _make(op, site, value=None, *, layers=None, pos=None, heads=None, key_pos=None, basis=None, per_layer=False):
     site, layers = _site_and_layers(site, layers)
     if site not in S.BLOCK_SITES and site not in S.GLOBAL_SITES:
-        raise S.SiteError(f"unknown site {site!r}." + S._suggest(site, list(S.BLOCK_SITES) + list(S.GLOBAL_SITES) + list(S.ALIASES)))
+        raise S.SiteError(f"unknown site {site!r}." + S.suggest(site, list(S.BLOCK_SITES) + list(S.GLOBAL_SITES) + list(S.ALIASES)))
     if site in S.GLOBAL_SITES and layers is not None:
         raise ValueError(f"{site!r} is a global site; it takes no layers")
     if value is not None and not isinstance(value, jax.Array):
@@ -203,7 +203,7 @@ def validate(cfg: Config, edits, batch: int, seq: int) -> tuple[Edit, ...]:
                 raise EditError(f"{where}: this {cfg.family} model has no site {e.site!r}")
         elif e.site not in S.block_sites(cfg):
             raise EditError(
-                f"{where}: this {cfg.family} model has no site {e.site!r}." + S._suggest(e.site, S.block_sites(cfg))
+                f"{where}: this {cfg.family} model has no site {e.site!r}." + S.suggest(e.site, S.block_sites(cfg))
             )
         lay = S.layout(e.site)
         if e.op == "knockout" and e.site != "attn.hook_attn_scores":

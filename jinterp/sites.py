@@ -131,7 +131,8 @@ def layout(local: str) -> tuple[str, ...]:
     return BLOCK_SITES.get(local) or GLOBAL_SITES[local]
 
 
-def _suggest(name: str, choices: Iterable[str]) -> str:
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean ...?' naming the closest valid names, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
@@ -139,13 +140,19 @@ def _suggest(name: str, choices: Iterable[str]) -> str:
 _FULL = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+def split_name(name: str) -> tuple[int, str] | None:
+    """'blocks.3.attn.hook_z' -> (3, 'attn.hook_z'); None for a name without a layer."""
+    m = _FULL.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def parse(cfg: Config, name: str) -> tuple[int | None, str]:
     """Full site name -> (layer or None for global sites, local site name). Raises SiteError."""
     if not isinstance(name, str):
         raise SiteError(f"site names are strings like 'blocks.0.hook_resid_pre', got {name!r}")
-    m = _FULL.match(name)
-    if m:
-        layer, local = int(m.group(1)), m.group(2)
+    split = split_name(name)
+    if split:
+        layer, local = split
         local = ALIASES.get(local, local)
         if not 0 <= layer < cfg.n_layers:
             raise SiteError(
@@ -154,7 +161,7 @@ def parse(cfg: Config, name: str) -> tuple[int | None, str]:
         if local not in block_sites(cfg):
             raise SiteError(
                 f"unknown site {name!r} for this {cfg.family} model."
-                + _suggest(name, all_names(cfg))
+                + suggest(name, all_names(cfg))
                 + " List them with model.site_names()."
             )
         return layer, local
@@ -165,7 +172,7 @@ def parse(cfg: Config, name: str) -> tuple[int | None, str]:
         raise SiteError(f"{name!r} is a per-layer site: name a layer, e.g. 'blocks.0.{local}'")
     raise SiteError(
         f"unknown site {name!r} for this {cfg.family} model."
-        + _suggest(name, all_names(cfg) + block_sites(cfg) + list(ALIASES))
+        + suggest(name, all_names(cfg) + block_sites(cfg) + list(ALIASES))
         + " List them with model.site_names()."
     )
 
@@ -175,12 +182,12 @@ def resolve_local(cfg: Config, site: str) -> str:
     local = ALIASES.get(site, site)
     if local in block_sites(cfg) or local in global_sites(cfg):
         return local
-    m = _FULL.match(site)
-    if m:
-        raise SiteError(f"pass the local site name (e.g. {m.group(2)!r}) and the layers separately, not {site!r}")
+    split = split_name(site)
+    if split:
+        raise SiteError(f"pass the local site name (e.g. {split[1]!r}) and the layers separately, not {site!r}")
     raise SiteError(
         f"unknown site {site!r} for this {cfg.family} model."
-        + _suggest(site, block_sites(cfg) + global_sites(cfg) + list(ALIASES))
+        + suggest(site, block_sites(cfg) + global_sites(cfg) + list(ALIASES))
     )
 
 
