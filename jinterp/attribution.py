@@ -21,8 +21,9 @@ import numpy as np
 
 from jinterp import edits as E
 from jinterp import sites as S
-from jinterp.arch import decoder
-from jinterp.sweep import Labelled
+from jinterp import arch
+from jinterp.cache import select_positions
+from jinterp.results import Labelled, Results, axis_labels
 
 # site -> the axes the attribution keeps (everything else is summed over)
 DEFAULT_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v")
@@ -31,8 +32,8 @@ DEFAULT_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "attn.hook_z
 @functools.partial(jax.jit, static_argnames=("cfg", "record", "metric"))
 def _value_and_grads(params, tokens, mask, zeros, *, cfg, record, metric):
     def f(values):
-        edits = tuple(E.Edit(site=s, op="add", value=v, per_layer=s not in S.GLOBAL_SITES) for s, v in values.items())
-        logits, acts = decoder.forward(params, tokens, mask, edits, cfg=cfg, record=record)
+        edits = tuple(E.steer(s, v, per_layer=s not in S.GLOBAL_SITES) for s, v in values.items())
+        logits, acts = arch.forward(params, tokens, mask, edits, cfg=cfg, record=record)
         return jnp.asarray(metric(logits), jnp.float32), acts
 
     return jax.value_and_grad(f, has_aux=True)(zeros)
@@ -59,23 +60,23 @@ def _grads(model, tokens, mask, metric, locals_):
     return value, acts, grads
 
 
-def attribution_patching(model, clean_tokens, corrupted_tokens, metric, sites=DEFAULT_SITES, by_pos: bool = True, attention_mask=None) -> dict:
+def attribution_patching(model, clean_tokens, corrupted_tokens, metric, sites=DEFAULT_SITES, by_pos: bool = True, attention_mask=None) -> Results:
     """First-order patching effects for every site in `sites`, from one forward and one backward pass.
 
-    Returns {site: Labelled}: residual-like sites [layer, pos]; head sites (z, q, k, v, result,
+    Returns Results {site: Labelled}: residual-like sites [layer, pos]; head sites (z, q, k, v, result,
     pattern) [layer, pos, head] when by_pos else [layer, head]; MLP activations [layer, pos];
     global sites [pos]. Each value estimates `metric(patched) - metric(corrupted)`.
     """
     cfg = model.config
-    clean, mask = model._inputs(clean_tokens, attention_mask)
-    corrupted, _ = model._inputs(corrupted_tokens, attention_mask)
+    clean, mask = model.prepare_inputs(clean_tokens, attention_mask)
+    corrupted, _ = model.prepare_inputs(corrupted_tokens, attention_mask)
     if clean.shape != corrupted.shape:
         raise ValueError(f"clean {list(clean.shape)} and corrupted {list(corrupted.shape)} tokens differ in shape")
     locals_ = [S.resolve_local(cfg, s) for s in sites]
     names = [n for n in S.all_names(cfg) if S.parse(cfg, n)[1] in locals_]
     _, clean_cache = model.run_with_cache(clean, names=names, attention_mask=mask)
     _, acts, grads = _grads(model, corrupted, mask, metric, locals_)
-    out = {}
+    out = Results(name="attribution patching")
     for site in locals_:
         lay = S.layout(site)
         glob = site in S.GLOBAL_SITES
@@ -88,15 +89,12 @@ def attribution_patching(model, clean_tokens, corrupted_tokens, metric, sites=DE
         summed = prod.sum(red)
         left = [a for a in axes if a in keep]  # the order after summing; reorder to (layer, pos, head)
         vals = np.asarray(jnp.transpose(summed, [left.index(a) for a in keep]))
-        labels = []
-        for a in keep:
-            n = {"layer": cfg.n_layers, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads, "pos": clean.shape[1]}[a]
-            labels.append(tuple(str(i) if a in ("layer", "pos") else f"H{i}" for i in range(n)))
-        out[site] = Labelled(vals, tuple("head" if a == "kv_head" else a for a in keep), tuple(labels), name=f"attribution {site}")
+        labels = tuple(axis_labels(model, a, clean) for a in keep)
+        out[site] = Labelled(vals, tuple(keep), labels, name=f"attribution {site}")
     return out
 
 
-def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attention_mask=None) -> dict:
+def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attention_mask=None) -> Results:
     """Direct logit attribution of the logit difference answer[:, 0] - answer[:, 1] at `pos`, with the
     final norm's cached scale treated as constant (TransformerLens's apply_ln_to_stack):
 
@@ -108,7 +106,7 @@ def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attent
     any post-attention norm (Gemma 2's ln1_post).
     """
     cfg = model.config
-    tokens, mask = model._inputs(tokens, attention_mask)
+    tokens, mask = model.prepare_inputs(tokens, attention_mask)
     ans = np.asarray(answer_tokens)
     need = ("hook_embed", "hook_pos_embed", "hook_attn_out", "hook_mlp_out", "attn.hook_z", "ln_final.hook_scale")
     logits, cache = model.run_with_cache(tokens, names=lambda n: n.endswith(need), attention_mask=mask)
@@ -117,7 +115,7 @@ def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attent
     direction = model.tokens_to_residual_directions(ans[:, 0]) - model.tokens_to_residual_directions(ans[:, 1])  # [B, D]
 
     def attrs(stack):  # [n, B, P, D] at pos -> [n] batch-mean
-        s = cache.apply_ln_to_stack(cache._pos(stack, [p]), pos_slice=[p])[:, :, 0]
+        s = cache.apply_ln_to_stack(select_positions(stack, [p]), pos_slice=[p])[:, :, 0]
         return np.asarray((s * direction).sum(-1).mean(-1))
 
     heads_stack, _ = cache.stack_head_results(return_labels=True)
@@ -126,15 +124,16 @@ def direct_logit_attribution(model, tokens, answer_tokens, pos: int = -1, attent
     lg = jnp.asarray(logits, jnp.float32)[b, p]
     total = float((lg[b, ans[:, 0]] - lg[b, ans[:, 1]]).mean())
     comp_vals = attrs(comps)
-    W_U, b_U = model.params["unembed"]["W_U"], model.params["unembed"]["b_U"]
+    W_U, b_U = model.W_U, model.b_U
     bias = b_U[ans[:, 0]] - b_U[ans[:, 1]]
-    if "b" in model.params["ln_final"]:
-        bias = bias + model.params["ln_final"]["b"] @ (W_U[:, ans[:, 0]] - W_U[:, ans[:, 1]])
+    if arch.has_weight(model.params, "ln_final_b"):
+        bias = bias + model.ln_final_b @ (W_U[:, ans[:, 0]] - W_U[:, ans[:, 1]])
     L, H = cfg.n_layers, cfg.n_heads
-    return {
-        "heads": Labelled(attrs(heads_stack).reshape(L, H), ("layer", "head"),
-                          (tuple(map(str, range(L))), tuple(f"H{h}" for h in range(H))), name="direct logit attribution"),
-        "components": Labelled(comp_vals, ("component",), (tuple(comp_labels),), name="direct logit attribution"),
-        "bias": float(np.mean(np.asarray(bias))),
-        "total": total,
-    }
+    return Results(
+        heads=Labelled(attrs(heads_stack).reshape(L, H), ("layer", "head"),
+                       (axis_labels(model, "layer"), axis_labels(model, "head")), name="direct logit attribution"),
+        components=Labelled(comp_vals, ("component",), (tuple(comp_labels),), name="direct logit attribution"),
+        bias=float(np.mean(np.asarray(bias))),
+        total=total,
+        name="direct logit attribution",
+    )

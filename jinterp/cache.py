@@ -16,6 +16,18 @@ from jinterp import sites as S
 from jinterp.config import Config
 
 
+def select_positions(x, pos_slice):
+    """Select positions on the second-to-last axis: an int drops the axis (as TransformerLens's
+    Slice does), a list or slice keeps it; None keeps all."""
+    if pos_slice is None:
+        return x
+    if isinstance(pos_slice, slice):
+        return x[..., pos_slice, :]
+    if np.ndim(pos_slice) == 0:
+        return x[..., int(pos_slice), :]
+    return jnp.take(x, jnp.asarray(pos_slice), axis=-2)
+
+
 class ActivationCache(Mapping):
     def __init__(self, cfg: Config, acts: dict, layers: dict, model=None, tokens=None, attention_mask=None, edited=False):
         self.cfg = cfg
@@ -85,6 +97,23 @@ class ActivationCache(Mapping):
         except KeyError:
             return False
 
+    def unchanged_prefix(self, model, tokens) -> int:
+        """Leading positions where this cache's tokens equal `tokens` in every row, when this cache is
+        `model`'s own unedited, unpadded run (same parameters): activations there are identical in
+        both runs, so patching them is a no-op. Anything else (another model or parameters, an
+        edited or padded run, other shapes): 0."""
+        if (
+            self.tokens is None
+            or self.model is None
+            or self.model.params is not model.params
+            or self.edited
+            or self.attention_mask is not None
+            or np.shape(self.tokens) != tuple(np.shape(tokens))
+        ):
+            return 0
+        same = (np.asarray(self.tokens) == np.asarray(tokens)).all(0)
+        return int(np.argmin(same)) if not same.all() else int(len(same))
+
     def __repr__(self):
         return f"ActivationCache({len(self)} activations: {', '.join(sorted(self._acts))})"
 
@@ -115,18 +144,6 @@ class ActivationCache(Mapping):
             return self._acts[site]
         return self.stack(site)
 
-    @staticmethod
-    def _pos(x, pos_slice):
-        """Select positions on the second-to-last axis: an int drops the axis (as TransformerLens's
-        Slice does), a list or slice keeps it."""
-        if pos_slice is None:
-            return x
-        if isinstance(pos_slice, slice):
-            return x[..., pos_slice, :]
-        if np.ndim(pos_slice) == 0:
-            return x[..., int(pos_slice), :]
-        return jnp.take(x, jnp.asarray(pos_slice), axis=-2)
-
     def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, pos_slice=None, mlp_input=False, return_labels=False):
         """The residual stream entering each layer up to `layer` (all, plus the final stream, by
         default): [n, batch, pos, d_model], labels "0_pre", "0_mid", ..., "final_post"."""
@@ -145,7 +162,7 @@ class ActivationCache(Mapping):
             comps.append(pre[layer]); labels.append(f"{layer}_pre")
             if mlp_input:
                 comps.append(mid[layer]); labels.append(f"{layer}_mid")
-        stack = self._pos(jnp.stack(comps), pos_slice)
+        stack = select_positions(jnp.stack(comps), pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
@@ -168,7 +185,7 @@ class ActivationCache(Mapping):
                 comps.append(mlp[l]); labels.append(f"{l}_mlp_out")
         if mlp_input and layer < L and mode in ("all", "attn"):
             comps.append(attn[layer]); labels.append(f"{layer}_attn_out")
-        stack = self._pos(jnp.stack(comps), pos_slice)
+        stack = select_positions(jnp.stack(comps), pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
@@ -180,14 +197,14 @@ class ActivationCache(Mapping):
         L, H = self.cfg.n_layers, self.cfg.n_heads
         layer = L if layer is None or layer == -1 else layer
         z = self._need("attn.hook_z")[:layer]  # [l, B, P, H, dh]
-        W_O = self.model.params["blocks"]["attn"]["W_O"][:layer]
+        W_O = self.model.W_O[:layer]
         res = jnp.einsum("lbphe,lhed->lhbpd", z, W_O).reshape((layer * H,) + z.shape[1:3] + (self.cfg.d_model,))
         labels = [f"L{l}H{h}" for l in range(layer) for h in range(H)]
         if incl_remainder:
             total = self._need("hook_resid_post")[L - 1] if layer == L else self._need("hook_resid_pre")[layer]
             res = jnp.concatenate([res, (total - res.sum(0))[None]])
             labels.append("remainder")
-        res = self._pos(res, pos_slice)
+        res = select_positions(res, pos_slice)
         if apply_ln:
             res = self.apply_ln_to_stack(res, layer, pos_slice=pos_slice)
         return (res, labels) if return_labels else res
@@ -202,7 +219,7 @@ class ActivationCache(Mapping):
             scale = self._need("ln_final.hook_scale")
         else:
             scale = self._need("ln2.hook_scale" if mlp_input else "ln1.hook_scale")[layer]
-        scale = self._pos(scale, pos_slice)
+        scale = select_positions(scale, pos_slice)
         if self.cfg.norm == "layernorm":
             stack = stack - stack.mean(-1, keepdims=True)
         return stack / scale

@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jinterp import arch
+from jinterp.results import Labelled, axis_labels
 from jax import lax
 
 # ----------------------------------------------------------------------------------------
@@ -132,11 +135,11 @@ class HeadWeights:
 
 
 def head_weights(model, fold_ln: bool = True) -> HeadWeights:
-    cfg, a = model.config, model.params["blocks"]["attn"]
+    cfg = model.config
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    Wq, Wk, Wv, Wo = f32(a["W_Q"]), _expand_kv(f32(a["W_K"]), cfg), _expand_kv(f32(a["W_V"]), cfg), f32(a["W_O"])
+    Wq, Wk, Wv, Wo = f32(model.W_Q), _expand_kv(f32(model.W_K), cfg), _expand_kv(f32(model.W_V), cfg), f32(model.W_O)
     if fold_ln:
-        w = f32(model.params["blocks"]["ln1"]["w"])[:, None, :, None]  # [L, 1, D, 1]
+        w = f32(model.ln1_w)[:, None, :, None]  # [L, 1, D, 1]
         Wq, Wk, Wv = Wq * w, Wk * w, Wv * w
         if cfg.norm == "layernorm":
             Wq, Wk, Wv = (x - x.mean(-2, keepdims=True) for x in (Wq, Wk, Wv))
@@ -159,7 +162,12 @@ def QK(model, fold_ln: bool = True) -> FactoredMatrix:
 def svd(model, kind: str = "OV", fold_ln: bool = True):
     """(U, S, Vh) of every head's OV or QK in one vectorised call: [L, H, D, dh], [L, H, dh], [L, H, dh, D]."""
     fm = {"OV": OV, "QK": QK}[kind.upper()](model, fold_ln)
-    return jax.jit(lambda A, B: FactoredMatrix(A, B).svd())(fm.A, fm.B)
+    return _svd(fm.A, fm.B)
+
+
+@jax.jit
+def _svd(A, B):
+    return FactoredMatrix(A, B).svd()
 
 
 def svd_tokens(model, layer: int, head: int, kind: str = "OV", n_vectors: int = 5, k: int = 10, fold_ln: bool = True) -> list[dict]:
@@ -186,10 +194,10 @@ def svd_tokens(model, layer: int, head: int, kind: str = "OV", n_vectors: int = 
 
     n = min(n_vectors, len(s))
     if kind.upper() == "OV":  # through the effective unembedding: the final norm's weight folded in
-        W_U = np.asarray(model.params["ln_final"]["w"], np.float32)[:, None] * np.asarray(model.params["unembed"]["W_U"], np.float32)
+        W_U = np.asarray(model.ln_final_w, np.float32)[:, None] * np.asarray(model.W_U, np.float32)
         reads = read(vh[:n], W_U)
         return [dict(component=i, singular_value=float(s[i]), **reads[i]) for i in range(n)]
-    WE = np.asarray(model.params["embed"]["W_E"], np.float32).T
+    WE = np.asarray(model.W_E, np.float32).T
     q, kk = read(u[:, :n].T, WE), read(vh[:n], WE)
     return [dict(component=i, singular_value=float(s[i]), query=q[i], key=kk[i]) for i in range(n)]
 
@@ -219,8 +227,8 @@ def _reader_factors(hw: HeadWeights, kind: str):
     raise ValueError(f"kind must be 'Q', 'K' or 'V', got {kind!r}")
 
 
-def composition_scores(model, kind: str, fold_ln: bool = True) -> jax.Array:
-    """[L, H, L, H]: score of writer (l1, h1) into reader (l2, h2),
+def composition_scores(model, kind: str, fold_ln: bool = True) -> Labelled:
+    """Labelled [writer_layer, writer_head, reader_layer, reader_head]: score of writer (l1, h1) into reader (l2, h2),
 
         ||OV_w M_r||_F / (||OV_w||_F ||M_r||_F),   M = QK (kind "Q"), QK^T ("K"), OV ("V"),
 
@@ -246,12 +254,14 @@ def composition_scores(model, kind: str, fold_ln: bool = True) -> jax.Array:
     scores = jnp.sqrt(jnp.maximum(num2, 0.0)) / (ov_norm[:, :, None, None] * m_norm[None, None])
     L = cfg.n_layers
     later = np.arange(L)[:, None] < np.arange(L)[None, :]
-    return jnp.where(jnp.asarray(later)[:, None, :, None], scores, jnp.nan)
+    out = np.asarray(jnp.where(jnp.asarray(later)[:, None, :, None], scores, jnp.nan))
+    lh = (axis_labels(model, "layer"), axis_labels(model, "head"))
+    return Labelled(out, ("writer_layer", "writer_head", "reader_layer", "reader_head"), lh + lh, name=f"{kind.upper()}-composition")
 
 
-def component_composition(model, kind: str, fold_ln: bool = True) -> jax.Array:
+def component_composition(model, kind: str, fold_ln: bool = True) -> Labelled:
     """Per singular component of each writer's OV (Talking Heads, methods.md section 2):
-    [L, H, dh, L, H], the score of component r of writer (l1, h1) into reader (l2, h2),
+    Labelled [writer_layer, writer_head, component, reader_layer, reader_head], the score of component r of writer (l1, h1) into reader (l2, h2),
 
         CS_r = ||v_r M||_2 / ||M||_F,   OV_w = sum_r s_r u_r v_r^T,
 
@@ -272,7 +282,11 @@ def component_composition(model, kind: str, fold_ln: bool = True) -> jax.Array:
     scores = jnp.sqrt(jnp.maximum(sq, 0.0)) / m_norm[None, None, None]
     L = cfg.n_layers
     later = np.arange(L)[:, None] < np.arange(L)[None, :]
-    return jnp.where(jnp.asarray(later)[:, None, None, :, None], scores, jnp.nan)
+    out = np.asarray(jnp.where(jnp.asarray(later)[:, None, None, :, None], scores, jnp.nan))
+    lh = (axis_labels(model, "layer"), axis_labels(model, "head"))
+    comp = tuple(f"C{r}" for r in range(out.shape[2]))
+    return Labelled(out, ("writer_layer", "writer_head", "component", "reader_layer", "reader_head"), lh + (comp,) + lh,
+                    name=f"{kind.upper()}-composition per component")
 
 
 def channels(model, kinds: Sequence[str] = ("Q", "K", "V"), top: int = 10, fold_ln: bool = True):
@@ -299,9 +313,8 @@ def channels(model, kinds: Sequence[str] = ("Q", "K", "V"), top: int = 10, fold_
 
 
 def _set_head(params, name, layer, head, value):
-    attn = dict(params["blocks"]["attn"])
-    attn[name] = attn[name].at[layer, head].set(value.astype(attn[name].dtype))
-    return {**params, "blocks": {**params["blocks"], "attn": attn}}
+    w = arch.weight(params, name)
+    return arch.replace_weight(params, name, w.at[layer, head].set(value.astype(w.dtype)))
 
 
 def rescale_components(model, layer: int, head: int, components, factor=0.0, kind: str = "OV", fold_ln: bool = True) -> dict:
@@ -326,15 +339,15 @@ def rescale_components(model, layer: int, head: int, components, factor=0.0, kin
     if kind.upper() == "OV":
         _, _, vh = FactoredMatrix(hw.W_V[layer, head], hw.W_O[layer, head]).svd()
         v = vh[comps]  # [k, D] output directions
-        W_O = jnp.asarray(model.params["blocks"]["attn"]["W_O"][layer, head], jnp.float32)
+        W_O = jnp.asarray(model.W_O[layer, head], jnp.float32)
         # W_O (I + (f-1) v^T v): only the chosen output directions change
         new = W_O + (f - 1.0) * (W_O @ v.T) @ v
         return _set_head(model.params, "W_O", layer, head, new)
     if kind.upper() == "QK":
         u, _, _ = FactoredMatrix(hw.W_Q[layer, head], hw.W_K[layer, head].T).svd()
         uc = u[:, comps]  # [D, k] query-side directions of the folded QK
-        W_Q = jnp.asarray(model.params["blocks"]["attn"]["W_Q"][layer, head], jnp.float32)
-        w = jnp.asarray(model.params["blocks"]["ln1"]["w"][layer], jnp.float32) if fold_ln else jnp.ones(cfg.d_model)
+        W_Q = jnp.asarray(model.W_Q[layer, head], jnp.float32)
+        w = jnp.asarray(model.ln1_w[layer], jnp.float32) if fold_ln else jnp.ones(cfg.d_model)
         # folded: diag(w) W_Q -> (I + (f-1) u u^T) diag(w) W_Q; unfold: W_Q' = diag(1/w) (...)
         Wf = w[:, None] * W_Q
         new = (Wf + (f - 1.0) * uc @ (uc.T @ Wf)) / w[:, None]
@@ -348,5 +361,5 @@ def remove_components(model, layer: int, head: int, components, kind: str = "OV"
 
 def zero_head(model, layer: int, head: int) -> dict:
     """New parameters in which head (layer, head) writes nothing (its W_O is zero)."""
-    W_O = model.params["blocks"]["attn"]["W_O"]
+    W_O = model.W_O
     return _set_head(model.params, "W_O", layer, head, jnp.zeros_like(W_O[layer, head]))

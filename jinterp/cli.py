@@ -1,21 +1,14 @@
-"""The `jinterp` command."""
+"""The `jinterp` command: parses arguments and calls the library."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import typer
 
 app = typer.Typer(help="jinterp: a compiled mechanistic-interpretability engine in JAX.", no_args_is_help=True)
-
-
-def _table(rows, header):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows])
 
 
 @app.command()
@@ -25,160 +18,9 @@ def demo(
     seed: int = typer.Option(0, help="seed for the evaluation batch"),
 ):
     """Load the bundled induction model, run it on its task, and show the heads that implement it."""
-    import jinterp
-    from jinterp import detect, plots, train
+    from jinterp import demo as walkthrough
 
-    out.mkdir(parents=True, exist_ok=True)
-    m = jinterp.load(model)
-    typer.echo(m.summary())
-
-    # --- the task: [BOS, w1..wn, w1..wn]; the second half is predictable only by induction
-    seg = 20
-    toks = train.induction_batch(np.random.default_rng(seed), 64, seg, m.cfg.d_vocab)
-    logits = np.asarray(m(toks), np.float32)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-    nll = -np.take_along_axis(logp[:, :-1], toks[:, 1:, None], -1)[..., 0]
-    correct = logits[:, :-1].argmax(-1) == toks[:, 1:]
-    first, rep = slice(0, seg), slice(seg + 1, 2 * seg)
-    task = {
-        "loss_first_half": float(nll[:, first].mean()),
-        "loss_repeated_half": float(nll[:, rep].mean()),
-        "accuracy_repeated_half": float(correct[:, rep].mean()),
-        "uniform_loss": float(np.log(m.cfg.d_vocab - 2)),
-    }
-    typer.echo("\nTask: 64 rows of [BOS, 20 random words, the same 20 words again]")
-    for k, v in task.items():
-        typer.echo(f"  {k:24s} {v:.4f}")
-    pred = logits[0, :-1].argmax(-1)
-    words = m.to_str_tokens(toks[0])
-    typer.echo("  example, second half (word -> predicted next):")
-    typer.echo("    " + " ".join(f"{words[t]}->{m.to_str_tokens([pred[t]])[0]}" for t in range(seg + 1, seg + 7)) + " ...")
-
-    # --- per-head attention scores: which heads implement the mechanism
-    scores = detect.head_scores(m, toks)
-    L, H = m.cfg.n_layers, m.cfg.n_heads
-    rows = [
-        (f"L{l}H{h}", *(f"{scores[k][l, h]:.3f}" for k in scores))
-        for l in range(L)
-        for h in range(H)
-    ]
-    typer.echo("\nPer-head attention scores (mass on the detector's target keys):")
-    typer.echo(_table(rows, ["head", *scores]))
-    prev = np.unravel_index(np.argmax(scores["previous_token"]), (L, H))
-    ind = np.unravel_index(np.argmax(scores["induction"]), (L, H))
-    typer.echo(
-        f"  strongest previous-token head: L{prev[0]}H{prev[1]} ({scores['previous_token'][prev]:.3f}); "
-        f"strongest induction head: L{ind[0]}H{ind[1]} ({scores['induction'][ind]:.3f})"
-    )
-
-    # --- tables and raw arrays next to the figure
-    np.savez(out / "head_scores.npz", **scores)
-    with open(out / "head_scores.csv", "w") as f:
-        f.write("layer,head," + ",".join(scores) + "\n")
-        for l in range(L):
-            for h in range(H):
-                f.write(f"{l},{h}," + ",".join(f"{scores[k][l, h]:.6f}" for k in scores) + "\n")
-    (out / "task.json").write_text(json.dumps(task, indent=1))
-
-    _, cache = m.run_with_cache(toks[:1], names=lambda n: n.endswith("hook_pattern"))
-    short = [w[:6] for w in words]
-    panels = [
-        dict(values=scores[k], row_labels=[f"L{l}" for l in range(L)], col_labels=[f"H{h}" for h in range(H)],
-             title=f"{k.replace('_', ' ')} score", cmap="Blues", center=False, xlabel="head", ylabel="layer")
-        for k in scores
-    ]
-    for title, (l, h) in (("previous-token head", prev), ("induction head", ind)):
-        panels.append(dict(
-            values=np.asarray(cache[f"blocks.{l}.attn.hook_pattern"][0, h], np.float32), row_labels=short,
-            col_labels=short, title=f"L{l}H{h} pattern ({title})", cmap="Blues", center=False, annotate=False,
-            xlabel="key", ylabel="query",
-        ))
-    fig = plots.save_heatmaps(out / "heads.png", panels, ncols=3, suptitle=f"{m.name}: attention heads on repeated random words")
-    typer.echo(f"\nWrote {fig}, {out / 'head_scores.csv'}, {out / 'head_scores.npz'}, {out / 'task.json'}")
-
-    _patching_demo(m, out, seed)
-    _circuits_demo(m, out, seed, scores)
-
-
-def _patching_demo(m, out: Path, seed: int):
-    """Activation patching on a minimal pair: where does the copied word travel?"""
-    import time
-
-    from jinterp import metrics, patching, train
-
-    seg, n = 12, 16
-    full = train.induction_batch(np.random.default_rng(seed + 1), n, seg, m.cfg.d_vocab)
-    clean = full[:, :-1]  # [BOS, A, A[:-1]]: the next word is A[-1], found by induction
-    answer = full[:, -1]
-    corrupted = clean.copy()
-    words = m.cfg.d_vocab - 2  # word ids are 2 .. d_vocab - 1
-    shift = np.random.default_rng(seed + 2).integers(1, words, n)  # never 0: always a different word
-    wrong = (answer - 2 + shift) % words + 2
-    corrupted[:, seg] = wrong  # A[-1] in the first copy replaced: induction now points at `wrong`
-    metric = metrics.logit_diff(np.stack([answer, wrong], 1))
-    clean_logits, clean_cache = m.run_with_cache(clean)
-    norm = metrics.normalized(metric, clean_logits, m(corrupted))
-    typer.echo(
-        f"\nActivation patching: {n} pairs [BOS, A, A[:-1]] whose first-copy last word differs; metric: "
-        f"logit(A[-1]) - logit(other), normalised to 1 (clean, {norm.clean:.2f}) .. 0 (corrupted, {norm.corrupted:.2f})"
-    )
-    t = time.perf_counter()
-    resid = patching.resid_pre(m, corrupted, clean_cache, norm)
-    heads = patching.attn_head_out_all_pos(m, corrupted, clean_cache, norm)
-    typer.echo(f"  resid_pre [layer x pos] and head-out [layer x head] sweeps: {resid.values.size + heads.values.size} cells, "
-               f"{time.perf_counter() - t:.1f}s including compilation")
-    last = clean.shape[1] - 1
-    pos_labels = tuple(f"{p}*" if p in (seg, last) else f"{p}" for p in range(clean.shape[1]))
-    resid = dataclasses.replace(resid, labels=(resid.labels[0], pos_labels))
-    for (lab, v) in resid.top(3):
-        typer.echo(f"  resid_pre layer {lab[0]}, position {lab[1]}: {v:.3f}")
-    for (lab, v) in heads.top(2):
-        typer.echo(f"  head L{lab[0]}{lab[1]}: {v:.3f}")
-    resid.save(out / "patch_resid_pre")
-    heads.save(out / "patch_heads")
-    resid.heatmap(out / "patch_resid_pre.png", title="patch resid_pre (* = changed word, last position)")
-    heads.heatmap(out / "patch_heads.png", title="patch head output (all positions)")
-    typer.echo(f"  wrote {out / 'patch_resid_pre.png'}, {out / 'patch_heads.png'} and .csv/.npz tables")
-
-    from jinterp import attribution
-
-    attr = attribution.attribution_patching(m, clean, corrupted, norm, sites=["resid_pre", "z"], by_pos=False)
-    r_heads = np.corrcoef(attr["attn.hook_z"].values.ravel(), heads.values.ravel())[0, 1]
-    typer.echo(f"  attribution patching (one forward + one backward) vs exact head patching: Pearson r = {r_heads:.3f}")
-
-
-def _circuits_demo(m, out: Path, seed: int, head_scores: dict):
-    """Weight-space view of the same circuit: composition scores, channels, retrieval heads."""
-    from jinterp import circuits, detect, plots
-
-    L, H = m.cfg.n_layers, m.cfg.n_heads
-    typer.echo("\nComposition scores, writer (layer 0 head) -> reader (layer 1 head), from the weights alone:")
-    scores = {k: np.asarray(circuits.composition_scores(m, k)) for k in "QKV"}
-    rows = [(f"L0H{w} -> L1H{r}", *(f"{scores[k][0, w, 1, r]:.3f}" for k in "QKV")) for w in range(H) for r in range(H)]
-    typer.echo(_table(rows, ["pair", "Q", "K", "V"]))
-    best = max(((k, w, r) for k in "QKV" for w in range(H) for r in range(H)), key=lambda t: scores[t[0]][0, t[1], 1, t[2]])
-    typer.echo(f"  strongest: {best[0]}-composition L0H{best[1]} -> L1H{best[2]} (previous-token score of the writer "
-               f"{head_scores['previous_token'][0, best[1]]:.2f}, induction score of the reader {head_scores['induction'][1, best[2]]:.2f})")
-    ch = circuits.channels(m, kinds=("K",), top=3)
-    typer.echo("  strongest K channels (writer's OV singular component -> reader):")
-    for _, row in ch.iterrows():
-        typer.echo(f"    {row.writer} component {row.component} (s={row.singular_value:.2f}) -> {row.reader}: {row.score:.3f}")
-    panels = [dict(values=scores[k][0, :, 1, :], row_labels=[f"L0H{w}" for w in range(H)], col_labels=[f"L1H{r}" for r in range(H)],
-                   title=f"{k}-composition", cmap="Blues", center=False, xlabel="reader", ylabel="writer") for k in "QKV"]
-    plots.save_heatmaps(out / "composition.png", panels, ncols=3, suptitle="composition scores (layer 0 -> layer 1)")
-    np.savez(out / "composition_scores.npz", **scores)
-
-    rng = np.random.default_rng(seed + 3)
-    prompts, spans = [], []
-    for _ in range(8):  # needle in a haystack: random words, a needle, more words, then the needle's start
-        hay, needle = rng.integers(2, m.cfg.d_vocab, 14), rng.integers(2, m.cfg.d_vocab, 8)
-        d = int(rng.integers(0, 8))
-        prompts.append(np.concatenate([[0], hay[:d], needle, hay[d:], needle[:2]]))
-        spans.append((1 + d, 1 + d + 8))
-    r = detect.retrieval_scores(m, prompts, spans, max_new_tokens=6)
-    typer.echo(f"\nRetrieval scores (copy-paste from the needle while decoding; {r['n_samples']} of 8 samples recalled > 50%):")
-    typer.echo(_table([(f"L{l}H{h}", f"{r['scores'][l, h]:.3f}") for l in range(L) for h in range(H)], ["head", "retrieval"]))
-    typer.echo(f"  wrote {out / 'composition.png'}, {out / 'composition_scores.npz'}")
+    walkthrough.run(model, out, seed, echo=typer.echo)
 
 
 @app.command()
@@ -191,15 +33,57 @@ def info(source: str):
 
 @app.command("train-bundled")
 def train_bundled(
-    out: Path = typer.Option(Path("models/induction-2l"), help="output directory (HF format)"),
-    seed: int = 0,
-    steps: int = 3000,
+    name: str = typer.Argument(..., help="organism: a directory under models/ with a recipe.py (e.g. induction-2l)"),
+    out: Path = typer.Option(..., help="output directory (HF format); models/NAME replaces the bundled model"),
+    seed: int = typer.Option(0, help="seed for initialisation and data"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
 ):
-    """Retrain the bundled induction model from scratch (a few minutes on a laptop CPU)."""
-    from jinterp import train
+    """Retrain a bundled model organism from scratch with its recipe (models/NAME/recipe.py)."""
+    from jinterp.train import organisms
 
-    card = train.train_induction_model(out, seed=seed, steps=steps)
+    card = organisms.recipe(name).train(out, seed=seed, steps=steps)
     typer.echo(json.dumps(card["metrics"], indent=1))
+
+
+@app.command()
+def experiment(
+    name: str = typer.Argument(..., help="experiment name, or 'list' to show them"),
+    model: Optional[str] = typer.Option(None, help="bundled model, HF-format directory or hub id (default: the experiment's organism)"),
+    out: Optional[Path] = typer.Option(None, help="report directory (default out/NAME)"),
+    batch: Optional[int] = typer.Option(None, help="dataset size (default: the experiment's)"),
+    seed: int = typer.Option(0, help="seed for the dataset"),
+    quick: bool = typer.Option(False, "--quick", help="a smaller, faster run"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing report directory"),
+):
+    """Reproduce a paper (experiments/): `jinterp experiment list`, `jinterp experiment NAME --out DIR`."""
+    import experiments
+
+    if name == "list":
+        rows = [(n, m.TITLE, m.ORGANISM) for n, m in ((n, experiments.get(n)) for n in experiments.available())]
+        widths = [max(len(str(r[i])) for r in rows + [("name", "paper", "default organism")]) for i in range(3)]
+        for r in [("name", "paper", "default organism")] + rows:
+            typer.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+        return
+    try:
+        experiments.get(name)
+    except experiments.UnknownExperiment as e:
+        typer.echo(f"Error: {e}. `jinterp experiment list` describes them.", err=True)
+        raise typer.Exit(2)
+    out = out or Path("out") / name
+    try:
+        done = experiments.run(name, out, model=model, batch=batch, seed=seed, quick=quick, overwrite=overwrite)
+    except experiments.OutputExists as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: no report written", err=True)
+        raise typer.Exit(130)
+    doc = json.loads((done / "report.json").read_text())
+    typer.echo("\n".join(experiments.claims_markdown(doc["claims"])))
+    held = sum(c["holds"] for c in doc["claims"])
+    run = doc["run"]
+    typer.echo(f"\n{held}/{len(doc['claims'])} claims hold. {run.get('wall_seconds')}s, "
+               f"{run.get('compiled_programs')} compiled programs. Report: {done / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,27 @@ import math
 
 import numpy as np
 
+NORMS = ("layernorm", "rmsnorm")
+POSITIONALS = ("learned", "rotary")
+# "dense": act(x W_in + b_in) W_out; "gated": (act(x W_gate + b_gate) * (x W_in + b_in)) W_out.
+# A mixture of experts would be a third kind ("moe") with its own fields (experts, router, top-k).
+MLPS = ("dense", "gated")
+ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "gelu_fast", "silu", "relu")
+# rope_type -> the rope_scaling keys it needs (see rope_inv_freq)
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+# "highest": fp32 matmuls stay exact on GPU/TPU; "default": the backend may use TF32 / bf16 passes
+MATMUL_PRECISIONS = ("highest", "default")
+SIZES = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab", "n_ctx")
+
+
+def _check_choice(field: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -25,15 +46,16 @@ class Config:
     d_vocab: int
     n_ctx: int
 
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm: str = "layernorm"  # one of NORMS
     norm_eps: float = 1e-5
-    positional: str = "learned"  # "learned" | "rotary"
-    rotary_dim: int = 0  # leading dims of each head that rotate (partial rotary)
+    positional: str = "learned"  # one of POSITIONALS
+    rotary_dim: int = 0  # leading dims of each head that rotate (partial rotary); even, <= d_head
     rope_theta: float = 10000.0
-    # Rotary scaling as a sorted tuple of (key, value) pairs, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...).
+    # Rotary scaling as a sorted tuple of (key, value) pairs, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...);
+    # a dict is accepted and stored that way. Empty = default rotary.
     rope_scaling: tuple = ()
-    act: str = "gelu_new"  # "gelu_new" | "gelu" | "gelu_pytorch_tanh" | "silu" | "relu"
-    gated_mlp: bool = False
+    act: str = "gelu_new"  # one of ACTIVATIONS
+    mlp: str = "dense"  # one of MLPS
     parallel_residual: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     post_norms: bool = False  # extra norms after attention and MLP outputs (Gemma 2)
@@ -44,17 +66,37 @@ class Config:
     windows: tuple = ()
     embed_scale: float | None = None  # multiply embeddings (Gemma: sqrt(d_model))
     tied_embeddings: bool = False
-    matmul_precision: str = "highest"  # "highest" keeps fp32 exact on GPU/TPU too
+    matmul_precision: str = "highest"  # one of MATMUL_PRECISIONS
 
     def __post_init__(self):
+        """Check every option here, so a bad config fails when built, not deep inside a trace."""
+        # JSON and HF give lists and dicts; keep the config hashable
+        scaling = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
+        object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in scaling)))
+        object.__setattr__(self, "windows", tuple(self.windows))
+        for f in SIZES:
+            v = getattr(self, f)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be a positive integer, got {v!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"unknown norm {self.norm!r}")
-        if self.positional not in ("learned", "rotary"):
-            raise ValueError(f"unknown positional scheme {self.positional!r}")
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("positional", self.positional, POSITIONALS)
+        _check_choice("act", self.act, ACTIVATIONS)
+        _check_choice("mlp", self.mlp, MLPS)
+        _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+        if self.positional == "rotary" and not (0 < self.rotary_dim <= self.d_head and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim must be even and in 2..d_head ({self.d_head}) for rotary positions, got {self.rotary_dim}")
+        s = dict(self.rope_scaling)
+        kind = s.get("rope_type", "default")
+        _check_choice("rope_type", kind, ROPE_TYPES)
+        missing = [k for k in ROPE_TYPES[kind] if k not in s]
+        if missing:
+            raise ValueError(f"rope_type {kind!r} needs rope_scaling keys {', '.join(ROPE_TYPES[kind])}; missing {', '.join(missing)}")
         if self.windows and len(self.windows) != self.n_layers:
-            raise ValueError("windows must list one entry per layer")
+            raise ValueError(f"windows lists {len(self.windows)} entries; it needs one per layer (n_layers={self.n_layers}) or none")
+        if any(not isinstance(w, (int, np.integer)) or w < 0 for w in self.windows):
+            raise ValueError(f"windows must be non-negative integers (0 = full causal attention), got {self.windows}")
 
     @property
     def scale(self) -> float:
@@ -80,9 +122,7 @@ def rope_inv_freq(cfg: Config) -> np.ndarray:
     inv = inv.astype(np.float32)
     s = dict(cfg.rope_scaling)
     kind = s.get("rope_type", "default")
-    if kind == "default":
-        pass
-    elif kind == "linear":
+    if kind == "linear":
         inv = inv / np.float32(s["factor"])
     elif kind == "llama3":
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -94,6 +134,4 @@ def rope_inv_freq(cfg: Config) -> np.ndarray:
         smoothed = (1 - smooth) * out / factor + smooth * out
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         inv = np.where(medium, smoothed, out).astype(np.float32)
-    else:  # validated when the config is built; kept as a guard
-        raise ValueError(f"unsupported rope_type {kind!r}")
     return inv

@@ -1,12 +1,12 @@
 """jinterp.load: a local HF-format directory, a bundled model name, a hub id (online), or a saved jinterp model.
 
 No torch: configs come from transformers.AutoConfig, weights straight from safetensors, tokenizers
-from AutoTokenizer.
+from AutoTokenizer. The files are read by jinterp.io; this module picks the family, casts the
+parameters and builds the Model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -14,8 +14,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jinterp import checkpoint
 from jinterp.arch import families
+from jinterp.io import hf, orbax
+from jinterp.io.safetensors import Reader
 from jinterp.model import Model
 
 MODELS_DIR = Path(os.environ.get("JINTERP_MODELS", Path(__file__).resolve().parent.parent / "models"))
@@ -76,31 +77,20 @@ def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bo
     tokenizer files if present), the name of a bundled model under models/, a hub id (online),
     or a directory written by Model.save (orbax).
     dtype: parameter dtype (float32, bfloat16, ...); norms and softmax always run in float32.
+    precision: matmul precision, "highest" (fp32 exact on GPU/TPU too) or "default" (the backend's).
+    tokenizer: False skips loading the tokenizer.
     """
     path = resolve(source)
-    if checkpoint.is_saved_model(path):
-        return checkpoint.load_model(path, dtype)
-    from transformers import AutoConfig
-
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json; is it an HF-format model directory?")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except ValueError as e:
-        raise families.CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    if raw.get("model_type") not in families.registry():
-        arch = (raw.get("architectures") or [raw.get("model_type")])[0]
-        raise families.UnsupportedArchitecture(
-            f"unsupported architecture {arch!r} (model_type {raw.get('model_type')!r}) in {cfg_file}. "
-            f"jinterp supports model types: {', '.join(families.supported())}."
-        )
-    hf = AutoConfig.from_pretrained(str(path))
-    fam = families.family_for(hf)
-    cfg = fam.config(hf).replace(matmul_precision=precision)
-    reader = families.Reader(path, prefixes=fam.PREFIXES)
-    np_params = fam.params(reader, cfg, hf)
-    extra = [n for n in reader.unused() if not n.endswith(_BUFFERS) and "lm_head" not in n]
+    if orbax.is_saved_model(path):
+        saved = orbax.load_model(path, tokenizer=tokenizer)
+        cfg = saved.config.replace(matmul_precision=precision)
+        return Model(cfg, cast(saved.params, dtype), saved.tokenizer, saved.name)
+    hf_cfg = hf.read_config(path, families.supported())
+    fam = families.family_for(hf_cfg.model_type)
+    cfg = fam.config(hf_cfg).replace(matmul_precision=precision)
+    reader = Reader(path, prefixes=fam.PREFIXES)
+    np_params = fam.params(reader, cfg, hf_cfg)
+    extra = [n for n in reader.unused() if not n.endswith(_BUFFERS)]
     if extra:
         warnings.warn(f"{len(extra)} checkpoint tensors were not used, e.g. {extra[:3]}", stacklevel=2)
     params = cast(np_params, dtype)

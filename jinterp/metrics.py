@@ -3,6 +3,11 @@
 They are frozen dataclasses holding their answer tokens as tuples, so they hash by value: a
 sweep driven by an equal metric reuses the compiled program. Any hashable JAX function of the
 logits works as a metric too.
+
+Two optional attributes tell the sweep driver more: `reads(P, V)` -> (positions, token ids) of
+the logits the metric reads (so only those are computed; `reads(metric, logits)` below finds
+them by probing for metrics that do not say), and `axes`, the names of the axes the metric's
+output adds to a result (("example",) for per-example metrics).
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class LogitDiff:
         """(positions, token ids) of the logits this metric reads, for the sweep driver."""
         return _positions(self.pos, P), tuple(sorted(set(self.correct) | set(self.incorrect)))
 
+    @property
+    def axes(self):
+        return ("example",) if self.per_example else ()
+
     def __call__(self, logits):
         lg = _at(logits, self.pos).astype(jnp.float32)
         b = jnp.arange(lg.shape[0])
@@ -79,6 +88,10 @@ class Normalized:
     def inner(self):
         return self.metric
 
+    @property
+    def axes(self):
+        return getattr(self.metric, "axes", ())
+
 
 def normalized(metric, clean_logits, corrupted_logits) -> Normalized:
     clean = float(np.mean(np.asarray(metric(jnp.asarray(clean_logits)))))
@@ -104,6 +117,10 @@ class LogProb:
     def reads(self, P, V):
         return _positions(self.pos, P), None  # the normalisation reads every token
 
+    @property
+    def axes(self):
+        return ("example",) if self.per_example else ()
+
     def __call__(self, logits):
         lp = jax.nn.log_softmax(jnp.asarray(_at(logits, self.pos), jnp.float32), axis=-1)
         v = lp[jnp.arange(lp.shape[0]), jnp.asarray(self.tokens)]
@@ -113,3 +130,56 @@ class LogProb:
 def log_prob(tokens, pos=-1, per_example: bool = False) -> LogProb:
     t = np.atleast_1d(np.asarray(tokens))
     return LogProb(tuple(t.tolist()), _pos(pos, len(t)), per_example)
+
+
+# ----------------------------------------------------------------------------------------
+# what a metric reads
+
+
+def reads(metric, logits) -> tuple[tuple | None, tuple | None]:
+    """Which positions and which token ids of logits [B, P, V] the metric reads: (positions, vocab),
+    each a sorted tuple or None (all / unknown). Computing logits only there is exact only if the
+    answer is right, so this errs towards None.
+
+    A metric that declares `reads(P, V)` (jinterp.metrics do) is taken at its word. Otherwise the
+    candidates are the entries with a non-zero gradient, confirmed by re-running the metric with
+    every other entry replaced by NaN and by random values at several scales: each must leave the
+    result unchanged. A gradient that is zero everywhere (argmax, accuracy) means "all".
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    _, P, V = logits.shape
+    if hasattr(metric, "reads"):
+        return metric.reads(P, V)
+    if hasattr(metric, "inner"):  # an affine rescaling (metrics.Normalized) reads what its metric reads
+        return reads(metric.inner, logits)
+    try:
+        ref = np.asarray(metric(logits))
+        g = np.abs(np.asarray(jax.grad(lambda lg: jnp.sum(jnp.asarray(metric(lg), jnp.float32)))(logits)))
+    except Exception:
+        return None, None
+    pos = np.nonzero(g.sum((0, 2)) > 0)[0]
+    voc = np.nonzero(g.sum((0, 1)) > 0)[0]
+    if pos.size == 0:
+        return None, None
+    rng = np.random.default_rng(0)
+
+    def confirmed(keep_pos, keep_voc):
+        kp, kv = np.zeros(P, bool), np.zeros(V, bool)
+        kp[keep_pos], kv[keep_voc] = True, True
+        keep = jnp.asarray(kp)[None, :, None] & jnp.asarray(kv)[None, None, :]
+        fills = [jnp.nan] + [jnp.asarray(rng.standard_normal(logits.shape) * sc, jnp.float32) for sc in (1.0, 30.0, 1e4)]
+        for fill in fills:
+            try:
+                out = np.asarray(metric(jnp.where(keep, logits, fill)))
+            except Exception:
+                return False
+            if not (np.all(np.isfinite(out)) and np.allclose(out, ref, rtol=1e-6, atol=1e-6)):
+                return False
+        return True
+
+    as_tuple = lambda a, n: None if len(a) == n else tuple(int(i) for i in a)
+    if voc.size and confirmed(pos, voc):
+        return as_tuple(pos, P), as_tuple(voc, V)
+    if confirmed(pos, np.arange(V)):
+        return as_tuple(pos, P), None
+    return None, None

@@ -6,35 +6,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinterp import arch
 from jinterp import edits as E
 from jinterp import sites as S
-from jinterp.arch import decoder
 from jinterp.cache import ActivationCache
 from jinterp.config import Config
+from jinterp.io import orbax
 
 
 class InputError(ValueError):
     """Bad tokens, masks or shapes handed to a model."""
 
 
-_forward = jax.jit(decoder.forward, static_argnames=("cfg", "record", "logits_at", "return_resid"))
+_forward = jax.jit(arch.forward, static_argnames=("cfg", "record", "logits_at"))
 _generate = jax.jit(
-    decoder.generate,
+    arch.generate,
     static_argnames=(
         "cfg", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
     ),
 )
-
-# TransformerLens-style weight views: name -> path in the parameter pytree
-_WEIGHTS = {
-    "W_E": ("embed", "W_E"),
-    "W_pos": ("pos_embed", "W_pos"),
-    "W_U": ("unembed", "W_U"),
-    "b_U": ("unembed", "b_U"),
-    **{n: ("blocks", "attn", n) for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")},
-    **{n: ("blocks", "mlp", n) for n in ("W_in", "b_in", "W_gate", "b_gate", "W_out", "b_out")},
-}
-
 
 class Model:
     def __init__(self, config: Config, params: dict, tokenizer=None, name: str | None = None):
@@ -48,18 +38,17 @@ class Model:
         return self.config
 
     def __getattr__(self, item):
-        if item in _WEIGHTS:
-            node = self.__dict__["params"]
-            for k in _WEIGHTS[item]:
-                if k not in node:
-                    raise AttributeError(f"this {self.config.family} model has no {item}")
-                node = node[k]
-            return node
+        """TransformerLens-style weights: model.W_Q [L, H, D, dh], model.W_U, ... (see arch.WEIGHTS)."""
+        if item in arch.WEIGHTS:
+            try:
+                return arch.weight(self.__dict__["params"], item)
+            except KeyError as e:
+                raise AttributeError(f"this {self.config.family} model has no {item}") from e
         raise AttributeError(item)
 
     @property
     def dtype(self):
-        return self.params["embed"]["W_E"].dtype
+        return self.W_E.dtype
 
     def with_params(self, params) -> "Model":
         """The same model with other parameters (e.g. after a weight edit)."""
@@ -77,7 +66,7 @@ class Model:
             + (f" ({c.n_kv_heads} key/value heads)" if c.n_kv_heads != c.n_heads else "")
             + f" of d_head {c.d_head}, d_mlp {c.d_mlp}, vocab {c.d_vocab}, context {c.n_ctx}",
             f"  {n_params:,} parameters, dtype {self.dtype}",
-            f"  norm {c.norm}, positions {c.positional}, mlp {'gated ' if c.gated_mlp else ''}{c.act}"
+            f"  norm {c.norm}, positions {c.positional}, mlp {c.mlp} {c.act}"
             + (", parallel residual" if c.parallel_residual else "")
             + (", tied embeddings" if c.tied_embeddings else ""),
             "  parameters:",
@@ -142,8 +131,9 @@ class Model:
             raise InputError(f"{s!r} is {len(ids)} tokens, not one")
         return ids[0]
 
-    def _inputs(self, tokens, attention_mask, *, extra_len: int = 0):
-        """Validate and normalise tokens [batch, pos] and mask at the boundary."""
+    def prepare_inputs(self, tokens, attention_mask=None, *, extra_len: int = 0):
+        """Validate tokens (ids [batch, pos] or [pos], or text) and the mask at the boundary ->
+        (int32 tokens [batch, pos], bool mask or None). Raises InputError naming the problem."""
         if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
             if attention_mask is not None:
                 raise InputError("pass attention_mask only with token ids")
@@ -191,13 +181,13 @@ class Model:
         residual is each token's logit (minus biases): W_U[:, token] scaled by the final norm's weight
         (what TransformerLens's W_U is after fold_ln)."""
         t = jnp.asarray(tokens)
-        W_U = self.params["unembed"]["W_U"].astype(jnp.float32)
-        return jnp.moveaxis(jnp.take(W_U, t, axis=1), 0, -1) * self.params["ln_final"]["w"].astype(jnp.float32)
+        W_U = self.W_U.astype(jnp.float32)
+        return jnp.moveaxis(jnp.take(W_U, t, axis=1), 0, -1) * self.ln_final_w.astype(jnp.float32)
 
     # ------------------------------------------------------------------ running
     def __call__(self, tokens, attention_mask=None, edits=(), *, logits_at=None):
         """Logits [batch, pos, d_vocab] (or at positions logits_at only)."""
-        tokens, mask = self._inputs(tokens, attention_mask)
+        tokens, mask = self.prepare_inputs(tokens, attention_mask)
         edits = E.validate(self.config, edits, *tokens.shape)
         la = None if logits_at is None else tuple(int(i) % tokens.shape[1] for i in np.atleast_1d(logits_at))
         logits, _ = _forward(self.params, tokens, mask, edits, cfg=self.config, logits_at=la)
@@ -205,7 +195,7 @@ class Model:
 
     def run_with_cache(self, tokens, names=None, attention_mask=None, edits=()):
         """(logits, ActivationCache). names: None (every site), a list of full site names, or a predicate."""
-        tokens, mask = self._inputs(tokens, attention_mask)
+        tokens, mask = self.prepare_inputs(tokens, attention_mask)
         edits = E.validate(self.config, edits, *tokens.shape)
         record = S.select(self.config, names)
         logits, acts = _forward(
@@ -239,7 +229,7 @@ class Model:
             raise InputError(f"top_k must be in 0..{self.config.d_vocab} (0 = off), got {top_k}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise InputError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        tokens, mask = self._inputs(tokens, attention_mask, extra_len=max_new_tokens)
+        tokens, mask = self.prepare_inputs(tokens, attention_mask, extra_len=max_new_tokens)
         if mask is not None and not bool(np.asarray(mask)[:, -1].all()):
             raise InputError("generate needs left-padded prompts: the last column must be a real token in every row")
         edits = E.validate(self.config, edits, *tokens.shape)
@@ -260,7 +250,5 @@ class Model:
     # ------------------------------------------------------------------ persistence
     def save(self, path):
         """Save converted parameters with orbax (plus config and tokenizer); jinterp.load(path) restores them."""
-        from jinterp import checkpoint
-
-        checkpoint.save_model(self, path)
+        orbax.save_model(path, self.config, self.params, self.tokenizer, self.name)
 

@@ -5,7 +5,7 @@ clean cache's activation, apply the metric to the logits::
 
     result = patching.resid_pre(model, corrupted_tokens, clean_cache, metric)   # Labelled [layer, pos]
 
-Every recipe only builds cells and a cell function and calls `jinterp.sweep.sweep`, so each sweep
+Every recipe only builds cells and a cell function and calls the sweep driver (`jinterp.engine`), so each sweep
 is one compiled program (vmapped, chunked, optionally sharded, resumable). Extra keyword
 arguments (chunk_size, mesh, progress, checkpoint_dir, metric_positions, ...) go to the driver.
 TransformerLens names (`get_act_patch_resid_pre`, ...) are aliases.
@@ -20,7 +20,8 @@ import numpy as np
 
 from jinterp import edits as E
 from jinterp import sites as S
-from jinterp.sweep import Labelled, Runner, sweep
+from jinterp.engine import Runner, sweep, sweep_grid
+from jinterp.results import Labelled, Results, axis_labels, label_grid
 
 
 class PatchingError(ValueError):
@@ -40,11 +41,11 @@ class PatchCell:
     use_head: bool
 
     def edit(self, cell, data):
-        return E.Edit(
-            site=self.site, op="set", layers=cell["layer"][None],
+        return E.patch(
+            self.site, data, layers=cell["layer"][None],
             pos=cell["pos"][None] if self.use_pos else None,
-            heads=cell["head"][None] if self.use_head else None,
-            value=data, per_layer=True,
+            heads=cell["kv_head" if "kv_head" in cell else "head"][None] if self.use_head else None,
+            per_layer=True,
         )
 
     def __call__(self, cell, data, runner: Runner):
@@ -55,40 +56,8 @@ class PatchCell:
         return E.first_layer(e, n_layers), E.first_col(e, n_prompt)
 
 
-def _unchanged_prefix(model, clean_cache, tokens) -> int:
-    """Leading positions where the clean run's tokens equal the corrupted tokens in every row. When the
-    clean cache is this model's own unedited run, every activation there is identical in both runs,
-    so patching them is a no-op. Anything else (another model, edited params, an edited run): 0."""
-    src = getattr(clean_cache, "tokens", None)
-    if (
-        src is None
-        or getattr(clean_cache, "model", None) is not model
-        or getattr(clean_cache, "edited", True)
-        or getattr(clean_cache, "attention_mask", None) is not None
-        or np.shape(src) != tuple(tokens.shape)
-    ):
-        return 0
-    same = (np.asarray(src) == np.asarray(tokens)).all(0)
-    return int(np.argmin(same)) if not same.all() else int(len(same))
-
-
-def _labels(model, tokens, axis):
-    c = model.config
-    if axis == "layer":
-        return tuple(str(l) for l in range(c.n_layers))
-    if axis in ("head", "kv_head"):
-        return tuple(f"H{h}" for h in range(c.n_kv_heads if axis == "kv_head" else c.n_heads))
-    if axis == "pos":
-        P = np.shape(tokens)[-1]
-        if model.tokenizer is not None and np.ndim(tokens) == 2:
-            strs = model.to_str_tokens(np.asarray(tokens)[0])
-            return tuple(f"{p}:{t}" for p, t in enumerate(strs))
-        return tuple(str(p) for p in range(P))
-    raise ValueError(axis)
-
-
 def _check_pair(model, corrupted_tokens, clean_cache, attention_mask=None):
-    tokens, mask = model._inputs(corrupted_tokens, attention_mask)
+    tokens, mask = model.prepare_inputs(corrupted_tokens, attention_mask)
     if clean_cache is None or not hasattr(clean_cache, "stack"):
         raise PatchingError("clean_cache must be the ActivationCache of model.run_with_cache(clean_tokens)")
     return tokens, mask
@@ -116,20 +85,11 @@ def _patch(model, corrupted_tokens, clean_cache, metric, site, index, attention_
     tokens, mask = _check_pair(model, corrupted_tokens, clean_cache, attention_mask)
     local = S.resolve_local(cfg, site)
     src = _source(model, clean_cache, local, tokens)
-    lay = S.layout(local)
-    head_axis = "kv_head" if "kv_head" in lay else "head"
-    axes = tuple(head_axis if a == "head" else a for a in index)
-    sizes = {"layer": cfg.n_layers, "pos": tokens.shape[1], "head": cfg.n_heads, "kv_head": cfg.n_kv_heads}
-    shape = tuple(sizes[a] for a in axes)
-    grid = np.indices(shape).reshape(len(shape), -1).astype(np.int32)
-    cells = {("head" if a == "kv_head" else a): g for a, g in zip(axes, grid)}
+    head_axis = "kv_head" if "kv_head" in S.layout(local) else "head"
+    axes = {(head_axis if a == "head" else a): axis_labels(model, head_axis if a == "head" else a, tokens) for a in index}
     fn = PatchCell(local, "pos" in index, "head" in index)
-    kw.setdefault("unchanged_prefix", _unchanged_prefix(model, clean_cache, tokens) if mask is None else 0)
-    out = sweep(model, tokens, cells, fn, data=src, metric=metric, attention_mask=mask, desc=f"patch {local}", **kw)
-    out = np.asarray(out).reshape(shape + np.shape(out)[1:])
-    extra = tuple(f"out{i}" for i in range(out.ndim - len(shape)))
-    labels = tuple(_labels(model, tokens, a) for a in axes) + tuple(tuple(map(str, range(n))) for n in out.shape[len(shape):])
-    return Labelled(out, tuple("head" if a == "kv_head" else a for a in axes) + extra, labels, name=f"patch {local}")
+    kw.setdefault("unchanged_prefix", clean_cache.unchanged_prefix(model, tokens) if mask is None else 0)
+    return sweep_grid(model, tokens, axes, fn, data=src, metric=metric, attention_mask=mask, name=f"patch {local}", **kw)
 
 
 def resid_pre(model, corrupted_tokens, clean_cache, metric, **kw) -> Labelled:
@@ -199,33 +159,28 @@ def attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **kw)
     return _patch(model, corrupted_tokens, clean_cache, metric, "attn.hook_pattern", ("layer", "pos", "head"), **kw)
 
 
-def _stack(results, kind_labels, n_heads=None) -> Labelled:
-    vals = []
-    for r in results:
-        v = np.asarray(r.values, np.float64)
-        if n_heads is not None and v.shape[-1] < n_heads:  # GQA k/v: pad the missing heads with NaN
-            v = np.concatenate([v, np.full(v.shape[:-1] + (n_heads - v.shape[-1],), np.nan)], axis=-1)
-        vals.append(v)
-    base = max(results, key=lambda r: r.values.shape[-1])
-    return Labelled(np.stack(vals), ("component",) + base.axes, (tuple(kind_labels),) + base.labels, name="patch")
+def block_every(model, corrupted_tokens, clean_cache, metric, **kw) -> Results:
+    """resid_pre, attn_out and mlp_out, each [n_layers, pos]; `.stack()` gives TransformerLens's
+    [3, n_layers, pos]."""
+    fns = {"resid_pre": resid_pre, "attn_out": attn_out, "mlp_out": mlp_out}
+    return Results({k: f(model, corrupted_tokens, clean_cache, metric, **kw) for k, f in fns.items()}, name="patch every block")
 
 
-def block_every(model, corrupted_tokens, clean_cache, metric, **kw) -> Labelled:
-    """[3, n_layers, pos]: resid_pre, attn_out, mlp_out."""
-    fns = (resid_pre, attn_out, mlp_out)
-    return _stack([f(model, corrupted_tokens, clean_cache, metric, **kw) for f in fns], ("resid_pre", "attn_out", "mlp_out"))
+def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kw) -> Results:
+    """out, q, k, v and pattern, each [n_layers, n_heads] (k and v [n_layers, n_kv_heads] on
+    grouped-query models); `.stack()` gives TransformerLens's [5, n_layers, n_heads] where the
+    head axes agree."""
+    fns = {"out": attn_head_out_all_pos, "q": attn_head_q_all_pos, "k": attn_head_k_all_pos, "v": attn_head_v_all_pos,
+           "pattern": attn_head_pattern_all_pos}
+    return Results({k: f(model, corrupted_tokens, clean_cache, metric, **kw) for k, f in fns.items()}, name="patch every head input")
 
 
-def attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **kw) -> Labelled:
-    """[5, n_layers, n_heads]: out, q, k, v, pattern (k/v of GQA models NaN-padded to n_heads)."""
-    fns = (attn_head_out_all_pos, attn_head_q_all_pos, attn_head_k_all_pos, attn_head_v_all_pos, attn_head_pattern_all_pos)
-    return _stack([f(model, corrupted_tokens, clean_cache, metric, **kw) for f in fns], ("out", "q", "k", "v", "pattern"), model.config.n_heads)
-
-
-def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kw) -> Labelled:
-    """[5, n_layers, pos, n_heads]: out, q, k, v, pattern (k/v of GQA models NaN-padded to n_heads)."""
-    fns = (attn_head_out_by_pos, attn_head_q_by_pos, attn_head_k_by_pos, attn_head_v_by_pos, attn_head_pattern_by_pos)
-    return _stack([f(model, corrupted_tokens, clean_cache, metric, **kw) for f in fns], ("out", "q", "k", "v", "pattern"), model.config.n_heads)
+def attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **kw) -> Results:
+    """out, q, k, v and pattern, each [n_layers, pos, n_heads] (k and v per key/value head on
+    grouped-query models); `.stack()` gives TransformerLens's [5, n_layers, pos, n_heads]."""
+    fns = {"out": attn_head_out_by_pos, "q": attn_head_q_by_pos, "k": attn_head_k_by_pos, "v": attn_head_v_by_pos,
+           "pattern": attn_head_pattern_by_pos}
+    return Results({k: f(model, corrupted_tokens, clean_cache, metric, **kw) for k, f in fns.items()}, name="patch every head input by position")
 
 
 # TransformerLens names
@@ -253,7 +208,7 @@ get_act_patch_attn_head_by_pos_every = attn_head_by_pos_every
 
 def head_ablation(model, tokens, metric, kind: str = "mean", attention_mask=None, **kw) -> Labelled:
     """Ablate each head's z at every position (zero, or mean over the batch) -> [n_layers, n_heads]."""
-    tokens, mask = model._inputs(tokens, attention_mask)
+    tokens, mask = model.prepare_inputs(tokens, attention_mask)
     _, cache = model.run_with_cache(tokens, names=lambda n: n.endswith("attn.hook_z"), attention_mask=mask)
     z = cache.stack("attn.hook_z")
     if kind == "mean":
@@ -262,14 +217,9 @@ def head_ablation(model, tokens, metric, kind: str = "mean", attention_mask=None
         src = jnp.zeros_like(z)
     else:
         raise ValueError(f"kind must be 'mean' or 'zero', got {kind!r}")
-    cfg = model.config
-    grid = np.indices((cfg.n_layers, cfg.n_heads)).reshape(2, -1).astype(np.int32)
-    out = sweep(model, tokens, {"layer": grid[0], "head": grid[1]}, PatchCell("attn.hook_z", False, True), data=src,
-                metric=metric, attention_mask=mask, desc=f"{kind}-ablate heads", **kw)
-    out = np.asarray(out).reshape((cfg.n_layers, cfg.n_heads) + np.shape(out)[1:])
-    return Labelled(out, ("layer", "head") + tuple(f"out{i}" for i in range(out.ndim - 2)),
-                    (_labels(model, tokens, "layer"), _labels(model, tokens, "head")) + tuple(tuple(map(str, range(n))) for n in out.shape[2:]),
-                    name=f"{kind}-ablate head")
+    axes = {a: axis_labels(model, a) for a in ("layer", "head")}
+    return sweep_grid(model, tokens, axes, PatchCell("attn.hook_z", False, True), data=src, metric=metric,
+                      attention_mask=mask, name=f"{kind}-ablate head", **kw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,8 +234,7 @@ class BackPatchCell:
     max_new_tokens: int = 10
 
     def edit(self, cell, data):
-        return E.Edit(site="hook_resid_post", op="set", layers=cell["target"][None], pos=data["pos"],
-                      value=data["src"][cell["source"]])
+        return E.patch("hook_resid_post", data["src"][cell["source"]], layers=cell["target"][None], pos=data["pos"])
 
     def __call__(self, cell, data, runner: Runner):
         e = self.edit(cell, data)
@@ -313,6 +262,12 @@ class BackPatching:
 
     def fixed_rate(self) -> float:
         return float(np.mean(self.fixed)) if self.fixed is not None else float("nan")
+
+    def __repr__(self):
+        parts = [f"metric={self.metric!r}" if self.metric is not None else None,
+                 f"generations {list(self.generations.shape)}" if self.generations is not None else None,
+                 f"fixed {int(np.sum(self.fixed))}/{len(self.fixed)} examples" if self.fixed is not None else None]
+        return "BackPatching(" + ", ".join(p for p in parts if p) + ")"
 
 
 def _contains(seq, target) -> bool:
@@ -348,10 +303,10 @@ def back_patching(
     position: an int or one position per example (e.g. the last real token of each row).
     """
     cfg = model.config
-    tokens, mask = model._inputs(tokens, attention_mask)
+    tokens, mask = model.prepare_inputs(tokens, attention_mask)
     B, P = tokens.shape
     pos = np.broadcast_to(np.asarray(position), (B,)).astype(np.int32) % P
-    src_tokens = tokens if source_tokens is None else model._inputs(source_tokens, None)[0]
+    src_tokens = tokens if source_tokens is None else model.prepare_inputs(source_tokens, None)[0]
     if src_tokens.shape != tokens.shape:
         raise PatchingError(f"source_tokens {list(src_tokens.shape)} and tokens {list(tokens.shape)} differ in shape")
     _, cache = model.run_with_cache(src_tokens, names=lambda n: n.endswith("hook_resid_post"),
@@ -365,9 +320,8 @@ def back_patching(
     if metric is not None:
         out = np.asarray(sweep(model, tokens, cells, BackPatchCell("score"), data=data, metric=metric,
                                attention_mask=mask, desc="back-patching", **kw))
-        out = out.reshape((L, L) + out.shape[1:])
-        extra = tuple(tuple(map(str, range(n))) for n in out.shape[2:])
-        res_metric = Labelled(out, ("source_layer", "target_layer") + tuple(f"example{'' if i == 0 else i}" for i in range(len(extra))), labels + extra, name="back-patching metric")
+        res_metric = label_grid(out.reshape((L, L) + out.shape[1:]), dict(zip(("source_layer", "target_layer"), labels)),
+                                metric, name="back-patching metric")
     gens = success = fixed = None
     if targets is not None or judge is not None:
         if mask is not None and not bool(np.asarray(mask)[:, -1].all()):
@@ -404,9 +358,9 @@ class PathPatchCell:
     use_receiver_pos: bool
 
     def step2_edits(self, cell, data):
-        freeze = E.Edit(site="attn.hook_z", op="set", value=data["orig_z"], per_layer=True)
-        sender = E.Edit(site="attn.hook_z", op="set", layers=cell["layer"][None], heads=cell["head"][None],
-                        pos=data["sender_pos"] if self.use_sender_pos else None, value=data["new_z"], per_layer=True)
+        freeze = E.patch("attn.hook_z", data["orig_z"], per_layer=True)
+        sender = E.patch("attn.hook_z", data["new_z"], layers=cell["layer"][None], heads=cell["head"][None],
+                         pos=data["sender_pos"] if self.use_sender_pos else None, per_layer=True)
         return (freeze, sender)
 
     def __call__(self, cell, data, runner: Runner):
@@ -419,9 +373,8 @@ class PathPatchCell:
         names = {k: tuple(sorted(v)) for k, v in names.items()}
         acts = runner.record(edits, names)
         patched = tuple(
-            E.Edit(site=f"attn.hook_{kind}", op="set", layers=jnp.asarray([l], jnp.int32), heads=jnp.asarray([h], jnp.int32),
-                   pos=data["receiver_pos"] if self.use_receiver_pos else None,
-                   value=acts[f"attn.hook_{kind}"][names[f"attn.hook_{kind}"].index(l)])
+            E.patch(f"attn.hook_{kind}", acts[f"attn.hook_{kind}"][names[f"attn.hook_{kind}"].index(l)], layers=[l], heads=[h],
+                    pos=data["receiver_pos"] if self.use_receiver_pos else None)
             for l, h, kind in self.receivers
         )
         return runner.score(patched, start=min(l for l, _, _ in self.receivers))
@@ -453,8 +406,8 @@ def path_patching(
     orig run's metric.
     """
     cfg = model.config
-    orig, mask = model._inputs(orig_tokens, attention_mask)
-    new, _ = model._inputs(new_tokens, None)
+    orig, mask = model.prepare_inputs(orig_tokens, attention_mask)
+    new, _ = model.prepare_inputs(new_tokens, None)
     if orig.shape != new.shape:
         raise PatchingError(f"orig tokens {list(orig.shape)} and new tokens {list(new.shape)} differ in shape")
     rec = ()
@@ -477,12 +430,7 @@ def path_patching(
     data = {"orig_z": oc.stack("attn.hook_z"), "new_z": nc.stack("attn.hook_z")}
     for name, p in (("sender_pos", sender_pos), ("receiver_pos", receiver_pos)):
         if p is not None:
-            data[name] = E._sel(p)
-    grid = np.indices((cfg.n_layers, cfg.n_heads)).reshape(2, -1).astype(np.int32)
+            data[name] = E.selector(p)
     fn = PathPatchCell(rec, sender_pos is not None, receiver_pos is not None)
-    out = np.asarray(sweep(model, orig, {"layer": grid[0], "head": grid[1]}, fn, data=data, metric=metric,
-                           attention_mask=mask, desc="path patching", **kw))
-    out = out.reshape((cfg.n_layers, cfg.n_heads) + out.shape[1:])
-    return Labelled(out, ("layer", "head") + tuple(f"out{i}" for i in range(out.ndim - 2)),
-                    (_labels(model, orig, "layer"), _labels(model, orig, "head")) + tuple(tuple(map(str, range(n))) for n in out.shape[2:]),
-                    name="path patching")
+    axes = {a: axis_labels(model, a) for a in ("layer", "head")}
+    return sweep_grid(model, orig, axes, fn, data=data, metric=metric, attention_mask=mask, name="path patching", **kw)

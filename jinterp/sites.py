@@ -1,7 +1,8 @@
 """Named activation sites, with TransformerLens names and layouts.
 
-Every block exposes the sites in `BLOCK_SITES` (those that exist for the model's config);
-global sites sit before the first block and after the last. A site's *layout* names its
+`BLOCK_SITES` and `GLOBAL_SITES` are the vocabulary: every name and its layout. Which of them a
+model has is the decoder's to say (`arch.emitted_sites`, found by tracing it); global sites sit
+before the first block and after the last. A site's *layout* names its
 axes, which is how edits find the position, head and key axes of the activation.
 
     blocks.{l}.hook_resid_pre          [batch, pos, d_model]
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
+from jinterp.arch import emitted_sites
 from jinterp.config import Config
 
 # layouts: axis names. "pos" is the query/sequence axis, "key" the key axis of attention maps.
@@ -58,8 +60,6 @@ GLOBAL_SITES: dict[str, tuple[str, ...]] = {
     "ln_final.hook_normalized": _RESID,
 }
 
-# Order in which block sites fire; edits earlier in this order can start a partial run later.
-BLOCK_ORDER = tuple(BLOCK_SITES)
 
 # Short names, as TransformerLens's get_act_name accepts them.
 ALIASES = {
@@ -98,24 +98,13 @@ class SiteError(KeyError):
 
 
 def block_sites(cfg: Config) -> list[str]:
-    """Block-local sites that exist for this config, in firing order."""
-    skip = set()
-    if cfg.positional != "rotary":
-        skip |= {"attn.hook_rot_q", "attn.hook_rot_k"}
-    if cfg.parallel_residual:
-        skip.add("hook_resid_mid")
-    if not cfg.gated_mlp:
-        skip.add("mlp.hook_pre_linear")
-    if not cfg.post_norms:
-        skip |= {"ln1_post.hook_scale", "ln2_post.hook_scale"}
-    return [s for s in BLOCK_ORDER if s not in skip]
+    """Block-local sites that exist for this config, in firing order (the decoder's own account)."""
+    return list(emitted_sites(cfg)[0])
 
 
 def global_sites(cfg: Config) -> list[str]:
-    out = ["hook_embed"]
-    if cfg.positional == "learned":
-        out.append("hook_pos_embed")
-    return out + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+    """Sites before the first block and after the last that exist for this config."""
+    return list(emitted_sites(cfg)[1])
 
 
 def all_names(cfg: Config) -> list[str]:
@@ -217,5 +206,3 @@ def select(cfg: Config, names) -> dict[str, tuple[int, ...] | None]:
 def full_name(layer: int | None, local: str) -> str:
     return local if layer is None else f"blocks.{layer}.{local}"
 
-
-NamesArg = None | str | list | Callable[[str], bool]

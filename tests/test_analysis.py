@@ -5,10 +5,13 @@ import pytest
 import torch
 
 import jinterp
-from jinterp import attribution, circuits, detect, lens, metrics, patching, train
+from jinterp import attribution, circuits, detect, lens, metrics, patching
 from jinterp import edits as E
 from jinterp.loading import MODELS_DIR
+from jinterp.train import organisms
 from tests import hf_zoo
+
+induction = organisms.recipe("induction-2l")
 
 B, P = 3, 8
 
@@ -75,7 +78,7 @@ def test_attribution_shapes_and_gradients(pair):
 def test_attribution_correlates_with_exact_patching_on_bundled(bundled, capsys):
     _, m = bundled
     seg = 10
-    full = train.induction_batch(np.random.default_rng(3), 16, seg, m.cfg.d_vocab)
+    full = induction.induction_batch(np.random.default_rng(3), 16, seg, m.cfg.d_vocab)
     clean, answer = full[:, :-1], full[:, -1]
     corr = clean.copy()
     wrong = (answer - 2 + 1 + np.arange(16) % 50) % (m.cfg.d_vocab - 2) + 2
@@ -160,7 +163,17 @@ def test_logit_lens_against_hf(pair):
             np.testing.assert_allclose(np.asarray(logits[i]), want, atol=3e-5 * max(1, np.abs(want).max()))
     np.testing.assert_allclose(np.asarray(logits[-1]), ref_acts["logits"][:, [2, P - 1]], atol=3e-5 * max(1, np.abs(ref_acts["logits"]).max()))
     out = lens.logit_lens(m, t, targets=t[:, -1], positions=-1)
-    assert out["target_logprob"].shape == (m.cfg.n_layers + 1,) and len(out["top"]) == m.cfg.n_layers + 1
+    assert out.target_logprob.shape == (m.cfg.n_layers + 1,) and len(out.top) == m.cfg.n_layers + 1
+    # the target's log-probability and rank per layer, from HF's own read-out of each residual
+    with torch.no_grad():
+        for i in range(m.cfg.n_layers + 1):
+            h = ref_acts["resid_pre"][i][:, -1] if i < m.cfg.n_layers else None
+            lg = hf.lm_head(final_norm(torch.as_tensor(h))).numpy() if h is not None else ref_acts["logits"][:, -1]
+            lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+            tgt = lp[np.arange(B), t[:, -1]]
+            np.testing.assert_allclose(out.target_logprob.values[i], tgt.mean(), atol=1e-4)
+            np.testing.assert_allclose(out.target_rank.values[i], (lp > tgt[:, None]).sum(-1).mean())
+    assert "LogitLens" in repr(out) and len(repr(out).splitlines()) == m.cfg.n_layers + 2
 
 
 # ---------------------------------------------------------------- detectors (reference: HF attentions + loops)
@@ -173,7 +186,7 @@ def _hf_patterns(hf, tokens):
 
 def test_detectors_against_loops(bundled):
     hf, m = bundled
-    t = train.induction_batch(np.random.default_rng(7), 6, 12, m.cfg.d_vocab)
+    t = induction.induction_batch(np.random.default_rng(7), 6, 12, m.cfg.d_vocab)
     pats = _hf_patterns(hf, t)  # [L, B, H, Q, K]
     L, Bn, H, Pn, _ = pats.shape
     ref = {k: np.zeros((L, H)) for k in ("previous_token", "duplicate_token", "induction")}
@@ -240,7 +253,7 @@ def test_retrieval_scores_against_loop(bundled):
 
 def test_bundled_circuit_found_by_detectors_and_k_composition(bundled):
     _, m = bundled
-    t = train.induction_batch(np.random.default_rng(5), 32, 20, m.cfg.d_vocab)
+    t = induction.induction_batch(np.random.default_rng(5), 32, 20, m.cfg.d_vocab)
     s = detect.head_scores(m, t)
     prev = np.unravel_index(np.argmax(s["previous_token"]), s["previous_token"].shape)
     ind = np.unravel_index(np.argmax(s["induction"]), s["induction"].shape)

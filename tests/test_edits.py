@@ -222,14 +222,14 @@ def test_steering_generation_applies_to_new_tokens(pair):
 
 def test_grad_and_vmap_through_edits(pair):
     _, _, m = pair
-    from jinterp.arch import decoder
+    from jinterp import arch
 
     t = jnp.asarray(toks(0), jnp.int32)
     vec = jnp.asarray(np.random.RandomState(7).randn(m.cfg.d_model), jnp.float32)
 
     def f(coeff):
         e = E.steer("blocks.1.hook_resid_mid", vec, coeff)
-        return decoder.forward(m.params, t, None, (e,), cfg=m.cfg)[0][:, -1, 5].sum()
+        return arch.forward(m.params, t, None, (e,), cfg=m.cfg)[0][:, -1, 5].sum()
 
     g = jax.grad(f)(0.5)
     fd = (f(0.5 + 1e-2) - f(0.5 - 1e-2)) / 2e-2
@@ -271,3 +271,200 @@ def test_more_bad_edits_and_generate_args(pair):
         m.generate(x, 0)
     with pytest.raises(jinterp.InputError, match="top_k"):
         m.generate(x, 2, do_sample=True, top_k=m.cfg.d_vocab + 1)
+
+
+# ----------------------------------------------------------------------------------------
+# the op protocol, StopGradient, traced validation and the documented value-shape rules
+
+from flax import struct  # noqa: E402
+
+
+@struct.dataclass
+class Mix(E.Op):
+    """A new op, defined here and nowhere else: new = (1 - alpha) * x + alpha * value."""
+
+    value: E.Value
+    alpha: jax.Array
+
+    def __call__(self, x, at):
+        return (1 - self.alpha) * x + self.alpha * at.read(self.value)
+
+
+def test_new_op_is_one_small_class(pair):
+    """A user-defined op runs through model(...), jit and grad with no change anywhere else, and
+    equals patching in the mixture computed by hand from the unedited activation."""
+    _, _, m = pair
+    name = "blocks.1.hook_resid_pre"
+    _, cc = m.run_with_cache(toks(1), names=[name])
+    _, base = m.run_with_cache(toks(0), names=[name])
+    src, x = np.asarray(cc[name]), np.asarray(base[name])
+    mix = E.edit(name, Mix(E.Value.of("hook_resid_pre", src), jnp.float32(0.3)), pos=[2, -1])
+    assert repr(mix).startswith("Edit(Mix(") and "\n" not in repr(mix)
+    ref = m(toks(0), edits=[E.patch(name, 0.7 * x + 0.3 * src, pos=[2, -1])])
+    close(m(toks(0), edits=[mix]), np.asarray(ref), atol=1e-5)
+    # alpha is a leaf: differentiable, and a sweep under vmap
+    f = lambda a: m(toks(0), edits=[E.edit(name, Mix(E.Value.of("hook_resid_pre", src), a), pos=[2, -1])])[:, -1, 3].sum()
+    assert abs(float(jax.grad(f)(0.3))) > 0
+    alphas = jnp.asarray([0.0, 0.3])
+    np.testing.assert_allclose(np.asarray(jax.vmap(f)(alphas)), [float(f(a)) for a in alphas], rtol=1e-5, atol=1e-4)
+    with pytest.raises(E.EditError, match="Mix.value"):
+        m(toks(0), edits=[E.edit(name, Mix(E.Value.of("hook_resid_pre", src[:, :4]), jnp.float32(0.3)))])
+
+
+def test_stop_gradient(pair):
+    """Forward unchanged; the gradient is zero exactly at the selected entries and unchanged elsewhere."""
+    _, _, m = pair
+    D = m.cfg.d_model
+    x = toks(0)
+    base = np.asarray(m(x))
+    sg = E.stop_gradient("blocks.1.hook_resid_pre", pos=[2, 5])
+    assert repr(sg) == "Edit(StopGradient() at hook_resid_pre, layers=int32[1], pos=int32[2])"
+    np.testing.assert_array_equal(np.asarray(m(x, edits=[sg])), base)
+
+    def grad(stop):
+        def f(v):  # a zero additive edit ahead of the stop: its gradient is the gradient at the site
+            es = [E.steer("blocks.1.hook_resid_pre", v)] + ([stop] if stop is not None else [])
+            return m(x, edits=es)[:, -1, 7].sum()
+
+        return np.asarray(jax.grad(f)(jnp.zeros((B, P, D), jnp.float32)))
+
+    g0, g = grad(None), grad(sg)
+    assert np.abs(g0[:, [2, 5]]).min(axis=-1).max() > 0
+    np.testing.assert_array_equal(g[:, [2, 5]], 0)
+    keep = [p for p in range(P) if p not in (2, 5)]
+    np.testing.assert_allclose(g[:, keep], g0[:, keep], rtol=1e-5, atol=1e-7)
+    # per head on attn.hook_z: only the selected head's gradient is stopped
+    H, dh = m.cfg.n_heads, m.cfg.d_head
+
+    def gz(stop):
+        f = lambda v: m(x, edits=[E.steer("blocks.0.attn.hook_z", v)] + stop)[:, -1, 7].sum()
+        return np.asarray(jax.grad(f)(jnp.zeros((B, P, H, dh), jnp.float32)))
+
+    g0, g = gz([]), gz([E.stop_gradient("blocks.0.attn.hook_z", heads=[1])])
+    np.testing.assert_array_equal(g[:, :, 1], 0)
+    np.testing.assert_allclose(np.delete(g, 1, axis=2), np.delete(g0, 1, axis=2), rtol=1e-5, atol=1e-7)
+
+
+def test_traced_edits_are_validated(pair):
+    """Shape checks run on traced values and selectors (jit, vmap); apply re-checks inside the
+    forward, so a recipe's edits built in a compiled sweep cannot slip a wrong shape through."""
+    _, _, m = pair
+    from jinterp import arch
+
+    x, D = toks(0), m.cfg.d_model
+    site = "blocks.0.hook_resid_pre"
+    bad = jnp.zeros((2, B, P + 2, D))
+    with pytest.raises(E.EditError, match="value has shape"):
+        jax.vmap(lambda v: m(x, edits=[E.patch(site, v)]))(bad)
+    with pytest.raises(E.EditError, match="value has shape"):
+        jax.jit(lambda v: m(x, edits=[E.patch(site, v)]))(bad[0])
+    with pytest.raises(E.EditError, match="axis 'batch' must be 3"):
+        jax.jit(lambda v: m(x, edits=[E.steer(site, v)]))(jnp.zeros((B + 1, 1, D)))
+    with pytest.raises(E.EditError, match="per-example pos has 4 rows"):
+        jax.jit(lambda p: m(x, edits=[E.zero_ablate(site, pos=p)]))(jnp.zeros((B + 1, 2), jnp.int32))
+    with pytest.raises(E.EditError, match="'selected' axis has 2 entries|axis 'selected' must be 2"):
+        jax.jit(lambda v: m(x, edits=[E.patch(site, v, pos=[1, 3], pos_axis="selected")]))(jnp.zeros((B, 3, D)))
+    # below the model's boundary too: the forward itself checks value shapes at trace time
+    with pytest.raises(E.EditError, match="value has shape"):
+        arch.forward(m.params, jnp.asarray(x, jnp.int32), None, (E.patch(site, bad[0]),), cfg=m.cfg)
+    # traced indices: shapes are checked, ranges cannot be; a good traced edit runs and is exact
+    good = jax.jit(lambda p: m(x, edits=[E.zero_ablate(site, pos=p)]))(jnp.asarray([3], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(good), np.asarray(m(x, edits=[E.zero_ablate(site, pos=[3])])))
+
+
+def _unembed(m, h):
+    p = m.params["unembed"]
+    return np.asarray(h, np.float64) @ np.asarray(p["W_U"], np.float64) + np.asarray(p["b_U"], np.float64)
+
+
+def test_value_shape_rules_against_numpy(pair):
+    """ln_final.hook_normalized feeds the logits linearly, so each documented rule can be checked
+    by editing the cached activation in numpy and unembedding it."""
+    _, _, m = pair
+    D, site = m.cfg.d_model, "ln_final.hook_normalized"
+    x = toks(0)
+    _, cache = m.run_with_cache(x, names=[site])
+    h = np.asarray(cache[site], np.float64)
+    rs = np.random.RandomState(11)
+    full = rs.randn(B, P, D).astype(np.float32)
+    sel = rs.randn(B, 2, D).astype(np.float32)
+    vec = rs.randn(D).astype(np.float32)
+    per_ex = np.array([[1, 6], [0, 8], [7, 2]])
+
+    def check(edit, fn):
+        ref = h.copy()
+        fn(ref)
+        close(m(x, edits=[edit]), _unembed(m, ref), atol=1e-5)
+
+    # "pos" = the full sequence: value[:, p] lands at absolute position p
+    def f1(r):
+        r[:, [1, P - 2]] = full[:, [1, P - 2]]
+    check(E.patch(site, full, pos=[1, -2]), f1)
+
+    # "selected": value[:, j] lands at pos[j]
+    def f2(r):
+        r[:, 1], r[:, P - 2] = sel[:, 0], sel[:, 1]
+    check(E.patch(site, sel, pos=[1, -2], pos_axis="selected"), f2)
+
+    # per-example positions, both ways
+    def f3(r):
+        for b in range(B):
+            r[b, per_ex[b]] = full[b, per_ex[b]]
+    check(E.patch(site, full, pos=per_ex), f3)
+
+    def f4(r):
+        for b in range(B):
+            for j in range(2):
+                r[b, per_ex[b, j]] += sel[b, j]
+    check(E.steer(site, sel, pos=per_ex, pos_axis="selected"), f4)
+
+    # a selected-positions value without a batch axis is shared by every example
+    def f5(r):
+        for b in range(B):
+            r[b, per_ex[b]] = sel[0]
+    check(E.patch(site, sel[0], pos=per_ex, pos_axis="selected"), f5)
+
+    # no position axis: the value goes to every selected position
+    def f6(r):
+        r[:, 3:] += 2 * vec
+    check(E.steer(site, vec, 2.0, pos=np.arange(P) >= 3), f6)
+
+    # a length-2 pos axis is never read as absolute positions: it is an error unless declared selected
+    with pytest.raises(E.EditError, match="axis 'pos' must be 9 or 1"):
+        m(x, edits=[E.patch(site, sel, pos=[1, -2])])
+    with pytest.raises(E.EditError, match="needs pos= as a list of position indices"):
+        m(x, edits=[E.patch(site, sel, pos=np.arange(P) < 2, pos_axis="selected")])
+    with pytest.raises(E.EditError, match="needs pos= as a list"):
+        m(x, edits=[E.patch(site, sel, pos_axis="selected")])
+
+
+def test_selected_per_layer_equals_full(pair):
+    """A per-layer value on the selected positions equals the same writes as a full-sequence value."""
+    _, _, m = pair
+    L, D = m.cfg.n_layers, m.cfg.d_model
+    sel = np.random.RandomState(12).randn(L, B, 2, D).astype(np.float32)
+    full = np.zeros((L, B, P, D), np.float32)
+    full[:, :, [4, 1]] = sel
+    a = m(toks(0), edits=[E.patch("resid_pre", sel, layers=[1, 2], pos=[4, 1], per_layer=True, pos_axis="selected")])
+    b = m(toks(0), edits=[E.patch("resid_pre", full, layers=[1, 2], pos=[4, 1], per_layer=True)])
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # in generation both write the prompt only (decoding steps are not among the selected positions)
+    ga = m.generate(toks(0), 3, edits=[E.patch("resid_pre", sel, layers=[1, 2], pos=[4, 1], per_layer=True, pos_axis="selected")])
+    gb = m.generate(toks(0), 3, edits=[E.patch("resid_pre", full, layers=[1, 2], pos=[4, 1], per_layer=True)])
+    assert not np.array_equal(np.asarray(ga), np.asarray(m.generate(toks(0), 3)))  # the edit did something
+    np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
+
+
+def test_named_value_axes(pair):
+    """A Value names any subsequence of the site's axes: one factor per (layer, head) on attn.hook_z
+    equals one scale edit per layer and head."""
+    _, _, m = pair
+    L, H = m.cfg.n_layers, m.cfg.n_heads
+    c = np.random.RandomState(13).uniform(0.2, 1.5, (L, H)).astype(np.float32)
+    a = m(toks(0), edits=[E.scale("z", E.Value(jnp.asarray(c), ("layer", "head")))])
+    b = m(toks(0), edits=[E.scale("z", c[l, h], layers=[l], heads=[h]) for l in range(L) for h in range(H)])
+    close(a, np.asarray(b), atol=1e-5)
+    with pytest.raises(E.EditError, match="layout order"):
+        m(toks(0), edits=[E.scale("z", E.Value(jnp.ones((H, B)), ("head", "batch")))])
+    with pytest.raises(E.EditError, match="does not have"):
+        m(toks(0), edits=[E.scale("z", E.Value(jnp.asarray(c), ("layer", "d_mlp")))])

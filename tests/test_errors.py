@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jinterp
-from jinterp.arch.families import CheckpointError, UnsupportedArchitecture
+from jinterp import CheckpointError, UnsupportedArchitecture
 from jinterp.sites import SiteError
 from tests import hf_zoo
 
@@ -137,3 +137,87 @@ def test_generate_needs_left_padding(model):
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
     with pytest.raises(jinterp.InputError, match="left-padded"):
         model.generate(toks, 3, attention_mask=mask)
+
+
+# ------------------------------------------------------------------ Config validation
+
+_TINY = dict(family="llama", n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, d_head=4, d_mlp=32, d_vocab=10, n_ctx=8)
+
+
+def _config(**over):
+    return jinterp.Config(**{**_TINY, **over})
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(norm="batchnorm"), "unknown norm 'batchnorm'; valid: layernorm, rmsnorm"),
+        (dict(positional="alibi"), "unknown positional 'alibi'; valid: learned, rotary"),
+        (dict(act="gelu_python"), "unknown act 'gelu_python'; valid: gelu_new, gelu, gelu_pytorch_tanh, gelu_fast, silu, relu"),
+        (dict(mlp="moe"), "unknown mlp 'moe'; valid: dense, gated"),
+        (dict(matmul_precision="high"), "unknown matmul_precision 'high'; valid: highest, default"),
+        (dict(positional="rotary", rotary_dim=4, rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+         "unknown rope_type 'yarn'; valid: default, linear, llama3"),
+        (dict(positional="rotary", rotary_dim=4, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+         "rope_type 'llama3' needs rope_scaling keys factor, low_freq_factor, high_freq_factor, "
+         "original_max_position_embeddings; missing low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+        (dict(positional="rotary", rotary_dim=6), r"rotary_dim must be even and in 2..d_head \(4\) for rotary positions, got 6"),
+        (dict(positional="rotary", rotary_dim=3), r"rotary_dim must be even .* got 3"),
+        (dict(positional="rotary", rotary_dim=0), r"rotary_dim must be even .* got 0"),
+        (dict(windows=(4, 0, 4)), r"windows lists 3 entries; it needs one per layer \(n_layers=2\) or none"),
+        (dict(windows=(4, -1)), r"windows must be non-negative integers"),
+        (dict(d_mlp=0), "d_mlp must be a positive integer, got 0"),
+        (dict(n_layers=2.0), "n_layers must be a positive integer, got 2.0"),
+        (dict(n_kv_heads=3), "n_heads=4 is not a multiple of n_kv_heads=3"),
+    ],
+)
+def test_config_rejects_bad_options(over, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**over)
+
+
+def test_config_normalises_json_shapes():
+    """Lists and dicts (as JSON gives them) become the hashable tuples the decoder keys jit on."""
+    c = _config(positional="rotary", rotary_dim=4, rope_scaling={"rope_type": "linear", "factor": 2.0}, windows=[0, 4])
+    assert c.rope_scaling == (("factor", 2.0), ("rope_type", "linear")) and c.windows == (0, 4)
+    assert hash(c) == hash(_config(positional="rotary", rotary_dim=4, rope_scaling=[["rope_type", "linear"], ["factor", 2.0]],
+                                   windows=(0, 4)))
+
+
+def test_load_rejects_bad_precision(gpt2_dir):
+    with pytest.raises(ValueError, match="unknown matmul_precision 'fast'; valid: highest, default"):
+        jinterp.load(gpt2_dir, precision="fast")
+
+
+def test_old_saved_model_with_gated_mlp_loads(model, tmp_path):
+    """Models saved before Config.mlp replaced the boolean gated_mlp still load."""
+    model.save(tmp_path / "saved")
+    meta_file = tmp_path / "saved" / "jinterp.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["gated_mlp"] = meta["config"].pop("mlp") == "gated"
+    meta_file.write_text(json.dumps(meta))
+    again = jinterp.load(tmp_path / "saved")
+    assert again.cfg == model.cfg and again.cfg.mlp == "dense"
+
+
+# ------------------------------------------------------------------ the unembedding decision (families/common.py)
+
+
+def test_untied_config_without_output_tensor_is_named(gpt2_dir, tmp_path):
+    from pathlib import Path
+
+    bad = _copy_with(Path(gpt2_dir), tmp_path / "m", lambda t: t)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(CheckpointError, match=r"not tied \(tie_word_embeddings false\), but the checkpoint in .* has no output matrix 'lm_head\.weight'"):
+        jinterp.load(bad)
+
+
+def test_tied_config_with_a_separate_output_tensor_uses_it(gpt2_dir, tmp_path):
+    """As transformers does: a stored output matrix that differs from W_E is not tied away."""
+    from pathlib import Path
+
+    W = np.random.RandomState(0).randn(hf_zoo.V, 32).astype(np.float32)
+    m = jinterp.load(_copy_with(Path(gpt2_dir), tmp_path / "m", lambda t: {**t, "lm_head.weight": W}))
+    assert m.cfg.tied_embeddings
+    np.testing.assert_array_equal(np.asarray(m.W_U), W.T)

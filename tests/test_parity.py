@@ -3,6 +3,7 @@
 Reference values come from HF (eager attention) via forward hooks, never from jinterp itself.
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -106,3 +107,25 @@ def test_bf16_close_to_fp32(pair, tmp_path):
     err = np.abs(a - b).max()
     assert err < 0.1 * max(1.0, np.abs(a).max()), f"{name} bf16 max |diff| {err}"
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+
+
+def test_param_shapes_and_sites_from_the_config_alone(pair):
+    """arch.param_shapes(cfg) describes exactly what the loader built from the HF checkpoint, and
+    every site the decoder reports exists in a full cache with its layout's rank."""
+    from jinterp import arch, sites
+
+    name, _, m = pair
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), m.params)
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), arch.param_shapes(m.cfg, m.dtype))
+    assert jax.tree.structure(got) == jax.tree.structure(want), name
+    assert jax.tree.leaves(got) == jax.tree.leaves(want), name
+    _, cache = m.run_with_cache(_tokens(1, 5))
+    assert set(cache) == set(sites.all_names(m.cfg))
+    for n in cache:
+        assert np.ndim(cache[n]) == len(sites.layout(sites.parse(m.cfg, n)[1])), n
+    # sites a family lacks are absent: rotary sites only for rotary models, the gated MLP's
+    # linear branch only for gated MLPs, resid_mid only without a parallel residual
+    local = sites.block_sites(m.cfg)
+    assert ("attn.hook_rot_q" in local) == (m.cfg.positional == "rotary")
+    assert ("mlp.hook_pre_linear" in local) == ("W_gate" in m.params["blocks"]["mlp"])
+    assert ("hook_resid_mid" in local) == (not m.cfg.parallel_residual)

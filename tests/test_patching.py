@@ -8,7 +8,8 @@ import pytest
 
 import jinterp
 from jinterp import edits as E
-from jinterp import metrics, patching, sweep
+from jinterp import metrics, patching
+from jinterp.engine import driver, store
 from tests import hf_zoo
 
 B, P = 3, 8
@@ -62,7 +63,9 @@ def test_head_all_pos_recipes(setup, kind):
     site = {"out": "attn.hook_z", "pattern": "attn.hook_pattern"}.get(kind, f"attn.hook_{kind}")
     nh = m.cfg.n_kv_heads if kind in ("k", "v") else m.cfg.n_heads  # GQA: k/v per key/value head
     r = getattr(patching, f"attn_head_{kind}_all_pos")(m, corr, cache, metric, progress=False)
-    assert r.axes == ("layer", "head") and r.shape == (m.cfg.n_layers, nh)
+    hax = "kv_head" if kind in ("k", "v") else "head"  # keys and values are per key/value head
+    assert r.axes == ("layer", hax) and r.shape == (m.cfg.n_layers, nh)
+    assert r.labels[1][0] == ("KV0" if hax == "kv_head" else "H0")
     check(r, naive(m, corr, cache, metric, site, (m.cfg.n_layers, nh), False, True))
 
 
@@ -72,22 +75,28 @@ def test_head_by_pos_recipes(setup, kind):
     site = {"out": "attn.hook_z", "pattern": "attn.hook_pattern"}.get(kind, f"attn.hook_{kind}")
     nh = m.cfg.n_kv_heads if kind in ("k", "v") else m.cfg.n_heads
     r = getattr(patching, f"attn_head_{kind}_by_pos")(m, corr, cache, metric, progress=False)
-    assert r.axes == ("layer", "pos", "head")
+    assert r.axes == ("layer", "pos", "kv_head" if kind in ("k", "v") else "head")
     check(r, naive(m, corr, cache, metric, site, (m.cfg.n_layers, P, nh), True, True))
 
 
 def test_every_variants(setup):
     name, m, _, corr, cache, metric = setup
+    L, H, kv = m.cfg.n_layers, m.cfg.n_heads, m.cfg.n_kv_heads
     be = patching.block_every(m, corr, cache, metric, progress=False)
-    assert be.shape == (3, m.cfg.n_layers, P) and be.labels[0] == ("resid_pre", "attn_out", "mlp_out")
-    np.testing.assert_allclose(be.values[1], patching.attn_out(m, corr, cache, metric, progress=False).values, atol=1e-6)
+    assert list(be) == ["resid_pre", "attn_out", "mlp_out"]
+    st = be.stack()
+    assert st.shape == (3, L, P) and st.labels[0] == ("resid_pre", "attn_out", "mlp_out") and st.axes == ("component", "layer", "pos")
+    np.testing.assert_allclose(st.values[1], patching.attn_out(m, corr, cache, metric, progress=False).values, atol=1e-6)
     ev = patching.attn_head_all_pos_every(m, corr, cache, metric, progress=False)
-    assert ev.shape == (5, m.cfg.n_layers, m.cfg.n_heads)
-    kv = m.cfg.n_kv_heads
-    np.testing.assert_allclose(ev.values[2][:, :kv], patching.attn_head_k_all_pos(m, corr, cache, metric, progress=False).values, atol=1e-6)
-    assert np.isnan(ev.values[2][:, kv:]).all() == (kv < m.cfg.n_heads) or kv == m.cfg.n_heads
+    assert ev["q"].shape == (L, H) and ev["k"].shape == (L, kv) and ev["k"].axes == ("layer", "kv_head")
+    np.testing.assert_allclose(ev["k"].values, patching.attn_head_k_all_pos(m, corr, cache, metric, progress=False).values, atol=1e-6)
+    assert not any(np.isnan(r.values).any() for r in ev.values())
+    if kv < H:  # key/value heads do not stack with query heads
+        with pytest.raises(ValueError, match="kv_head"):
+            ev.stack()
     bp = patching.attn_head_by_pos_every(m, corr, cache, metric, progress=False)
-    assert bp.shape == (5, m.cfg.n_layers, P, m.cfg.n_heads)
+    assert bp["out"].shape == (L, P, H) and bp["v"].shape == (L, P, kv)
+    assert "Results(" in repr(bp) and len(repr(bp).splitlines()) == 6
 
 
 def test_identity_full_patch_at_layer0_gives_clean_metric(setup):
@@ -104,10 +113,10 @@ def test_identity_full_patch_at_layer0_gives_clean_metric(setup):
 
 
 def test_driver_options_agree(setup):
-    """Chunking, windows and metric positions give the same numbers."""
+    """Chunking, position buckets and metric positions give the same numbers."""
     _, m, _, corr, cache, metric = setup
     ref = patching.resid_pre(m, corr, cache, metric, progress=False).values
-    for kw in (dict(chunk_size=1), dict(windows=False), dict(metric_positions=None), dict(chunk_size=3, windows=False)):
+    for kw in (dict(chunk_size=1), dict(buckets=False), dict(metric_positions=None), dict(chunk_size=3, buckets=False)):
         np.testing.assert_allclose(patching.resid_pre(m, corr, cache, metric, progress=False, **kw).values, ref, atol=2e-5)
 
 
@@ -165,11 +174,11 @@ def test_metric_reading_all_positions_and_per_example(setup):
 
 def test_probe_positions():
     lg = np.random.RandomState(0).randn(2, 5, 7).astype(np.float32)
-    assert sweep.probe_positions(lambda x: x[:, -1, 3].mean(), lg) == (4,)
-    assert sweep.probe_positions(metrics.logit_diff([[1, 2], [3, 4]], pos=(1, 3)), lg) == (1, 3)
-    assert sweep.probe_positions(lambda x: x.mean(), lg) is None
+    assert metrics.reads(lambda x: x[:, -1, 3].mean(), lg)[0] == (4,)
+    assert metrics.reads(metrics.logit_diff([[1, 2], [3, 4]], pos=(1, 3)), lg)[0] == (1, 3)
+    assert metrics.reads(lambda x: x.mean(), lg)[0] is None
     # a gradient that vanishes at this point but a metric that reads every position
-    assert sweep.probe_positions(lambda x: jax.numpy.maximum(x, 100.0).sum() + x[:, 0, 0].sum(), lg) is None
+    assert metrics.reads(lambda x: jax.numpy.maximum(x, 100.0).sum() + x[:, 0, 0].sum(), lg)[0] is None
 
 
 def test_bad_inputs(setup):
@@ -240,18 +249,16 @@ def test_path_patching_matches_algorithm(setup, receivers):
 def test_resume_from_checkpoint(setup, tmp_path, monkeypatch):
     _, m, _, corr, cache, metric = setup
     ref = patching.resid_pre(m, corr, cache, metric, progress=False, checkpoint_dir=tmp_path / "ck").values
-    from jinterp.checkpoint import SweepStore
-
     # simulate an interrupted run: forget the second half of the cells
     like = np.zeros(ref.size, np.float32)
-    store = SweepStore(tmp_path / "ck", (tmp_path / "ck" / "signature.txt").read_text())
-    results, done = store.load(like)
+    st = store.SweepStore(tmp_path / "ck", (tmp_path / "ck" / "signature.txt").read_text())
+    results, done = st.load(like)
     done[ref.size // 2:] = False
     results[ref.size // 2:] = np.nan
-    store.save(results, done)
+    st.save(results, done)
     calls = []
-    real = sweep._run_chunk
-    monkeypatch.setattr(sweep, "_run_chunk", lambda *a, **k: (calls.append(len(a[2]["layer"])), real(*a, **k))[1])
+    real = driver._run_chunk
+    monkeypatch.setattr(driver, "_run_chunk", lambda *a, **k: (calls.append(len(a[2]["layer"])), real(*a, **k))[1])
     again = patching.resid_pre(m, corr, cache, metric, progress=False, checkpoint_dir=tmp_path / "ck").values
     np.testing.assert_allclose(again, ref, atol=1e-6)
     assert sum(calls) < ref.size  # only the missing cells were recomputed
@@ -283,8 +290,8 @@ def test_probe_refuses_to_guess():
     jnp = jax.numpy
     for f in (lambda l: jnp.nanmax(l[:, :, 3]), lambda l: (l[:, 2].argmax(-1) == 5).mean(),
               lambda l: (l[:, -1].argmax(-1) == l[:, 2].argmax(-1)).mean(), lambda l: jnp.max(l[:, :, 3])):
-        assert sweep.probe_reads(f, lg) == (None, None)
-    assert sweep.probe_reads(metrics.logit_diff([[1, 2], [3, 4]], pos=(1, 3)), lg) == ((1, 3), (1, 2, 3, 4))
+        assert metrics.reads(f, lg) == (None, None)
+    assert metrics.reads(metrics.logit_diff([[1, 2], [3, 4]], pos=(1, 3)), lg) == ((1, 3), (1, 2, 3, 4))
 
 
 def test_metric_reading_only_before_the_window(setup):
@@ -317,8 +324,8 @@ def test_negative_layers_count_from_the_last(setup):
 def test_signature_is_stable_for_code_not_addresses():
     f = lambda l: l[:, -1, 3].mean()
     g = lambda l: l[:, -1, 4].mean()
-    assert sweep._signature(f) == sweep._signature(f) and sweep._signature(f) != sweep._signature(g)
-    assert sweep._signature(np.ones(3)) != sweep._signature(np.zeros(3))
+    assert store.signature(f) == store.signature(f) and store.signature(f) != store.signature(g)
+    assert store.signature(np.ones(3)) != store.signature(np.zeros(3))
 
 
 def test_back_patching_judge_and_ragged_targets(setup):

@@ -1,0 +1,23 @@
+"""The model's computation: parameters, the generic decoder, and its entry points.
+
+This package's public surface is below; `decoder.py` (the per-call context, the block, the layer
+scan) is internal to it.
+"""
+
+from jinterp.arch.forward import (
+    Base,
+    base_run,
+    emitted_sites,
+    forward,
+    generate,
+    position_ids,
+    resume,
+    resume_record,
+    unembed,
+)
+from jinterp.arch.params import WEIGHTS, has_weight, param_shapes, replace_weight, weight
+
+__all__ = [
+    "WEIGHTS", "Base", "base_run", "emitted_sites", "forward", "generate", "has_weight", "param_shapes",
+    "position_ids", "replace_weight", "resume", "resume_record", "unembed", "weight",
+]

@@ -1,16 +1,7 @@
 """The generic decoder: one block for every family, written as pure functions over a parameter pytree.
 
-Parameters (TransformerLens names, stacked on a leading layer axis):
-
-    embed.W_E [V, D]            pos_embed.W_pos [n_ctx, D]           (learned positions only)
-    blocks.ln1.{w,b} [L, D]     blocks.ln2.{w,b}                     (b only for LayerNorm)
-    blocks.ln1_post.w, blocks.ln2_post.w                             (post-norms, Gemma 2)
-    blocks.attn.W_Q [L, H, D, dh]     b_Q [L, H, dh]
-    blocks.attn.W_K [L, Hkv, D, dh]   b_K [L, Hkv, dh]   W_V, b_V likewise
-    blocks.attn.W_O [L, H, dh, D]     b_O [L, D]
-    blocks.attn.q_norm.w, k_norm.w [L, dh]                           (QK-norm, Qwen3)
-    blocks.mlp.W_in [L, D, F]  b_in [L, F]  W_gate, b_gate (gated)  W_out [L, F, D]  b_out [L, D]
-    ln_final.{w,b} [D]          unembed.W_U [D, V]   unembed.b_U [V]
+Parameters: TransformerLens names stacked on a leading layer axis (see arch/params.py). This
+module is internal to arch/: `forward.py` assembles its pieces into the public entry points.
 
 Every activation passes through a named site (`Ctx.site`), where edits apply and requested
 values are recorded. Layers run under `lax.scan`; a traced `start` skips layers below it with
@@ -29,16 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jinterp import edits as E
 from jinterp.config import Config, rope_inv_freq
 
 F32 = jnp.float32
 
 
 class Ctx:
-    """Per-call context: config, edits grouped by site, what to record, and the sequence geometry."""
+    """Per-call context: config, edits grouped by site, what to record, and the sequence geometry.
 
-    def __init__(self, cfg: Config, edits=(), record=None, *, n_prompt, n_keys, pos_ids, key_valid):
+    `seen`, when a list, collects every site name the decoder passes through (site discovery)."""
+
+    def __init__(self, cfg: Config, edits=(), record=None, *, n_prompt=0, n_keys=0, pos_ids=None, key_valid=None, seen=None):
         self.cfg = cfg
         self.edits = tuple(edits)
         self.by_site: dict[str, list] = {}
@@ -51,13 +43,16 @@ class Ctx:
         self.key_valid = key_valid  # [B, n_keys] bool: column holds a real token
         self.windows = jnp.asarray(cfg.layer_windows)
         self.prec = lax.Precision.HIGHEST if cfg.matmul_precision == "highest" else None
+        self.seen = seen
 
     def wants(self, name):
-        return name in self.by_site or name in self.record
+        return name in self.by_site or name in self.record or self.seen is not None
 
     def site(self, name, x, layer, cols, acts):
+        if self.seen is not None:
+            self.seen.append((name, layer is None))
         for e in self.by_site.get(name, ()):
-            x = E.apply(e, x, layer=layer, cols=cols, n_prompt=self.n_prompt, n_keys=self.n_keys, n_layers=self.cfg.n_layers)
+            x = e.apply(x, layer=layer, cols=cols, n_prompt=self.n_prompt, n_keys=self.n_keys, n_layers=self.cfg.n_layers)
         if name in self.record:
             acts[name] = x
         return x
@@ -181,11 +176,11 @@ def attn_output(ctx: Ctx, p, z, layer, cols, acts):
 
 def mlp(ctx: Ctx, p, h, layer, cols, acts):
     cfg = ctx.cfg
-    pre_w = "W_gate" if cfg.gated_mlp else "W_in"
-    pre = ctx.ein("bsd,df->bsf", h, p[pre_w]) + p["b_gate" if cfg.gated_mlp else "b_in"]
+    gated = cfg.mlp == "gated"
+    pre = ctx.ein("bsd,df->bsf", h, p["W_gate" if gated else "W_in"]) + p["b_gate" if gated else "b_in"]
     pre = ctx.site("mlp.hook_pre", pre, layer, cols, acts)
     post = activation(cfg.act, pre)
-    if cfg.gated_mlp:
+    if gated:
         lin = ctx.ein("bsd,df->bsf", h, p["W_in"]) + p["b_in"]
         lin = ctx.site("mlp.hook_pre_linear", lin, layer, cols, acts)
         post = post * lin
@@ -316,7 +311,7 @@ def embed(ctx: Ctx, params, tokens, cols, acts):
     return x
 
 
-def unembed(ctx: Ctx, params, x, cols, acts, vocab=None):
+def final(ctx: Ctx, params, x, cols, acts, vocab=None):
     """Final norm and unembedding; vocab: static token ids to compute logits for (default all)."""
     cfg = ctx.cfg
     x = norm(ctx, params["ln_final"], x, "ln_final", None, cols, acts)
@@ -327,97 +322,3 @@ def unembed(ctx: Ctx, params, x, cols, acts, vocab=None):
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits
-
-
-def position_ids(attention_mask):
-    """Position ids that follow the mask: each real token's index among the real tokens of its row."""
-    m = attention_mask.astype(jnp.int32)
-    return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
-
-
-# ----------------------------------------------------------------------------------------
-# entry points (pure; Model wraps them in jax.jit)
-
-
-def forward(params, tokens, attention_mask, edits, *, cfg: Config, record=None, logits_at=None, return_resid=False):
-    """Full forward. Returns (logits [B, S, V] or at rows logits_at, recorded acts dict keyed by local name)."""
-    B, P = tokens.shape
-    mask = jnp.ones((B, P), bool) if attention_mask is None else attention_mask.astype(bool)
-    ctx = Ctx(cfg, edits, record, n_prompt=P, n_keys=P, pos_ids=position_ids(mask), key_valid=mask)
-    cols = jnp.arange(P)
-    acts: dict[str, Any] = {}
-    x = embed(ctx, params, tokens, cols, acts)
-    x, _, block_acts = run_stack(ctx, params["blocks"], x, cols)
-    if logits_at is not None:
-        sel = np.asarray(logits_at)
-        x, cols = x[:, sel], cols[sel]
-    logits = unembed(ctx, params, x, cols, acts)
-    acts.update(block_acts)
-    if return_resid:
-        return logits, acts, x
-    return logits, acts
-
-
-def _sample(logits, key, do_sample, temperature, top_k, top_p):
-    logits = logits.astype(F32)
-    if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k:
-        kth = lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        srt = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(srt, axis=-1)
-        # keep the smallest set whose mass reaches top_p (always at least the top token)
-        keep = (jnp.cumsum(probs, -1) - probs) < top_p
-        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def generate(
-    params, tokens, attention_mask, edits, key, *, cfg: Config, max_new_tokens, do_sample=False,
-    temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None,
-):
-    """Prefill the (left-padded) prompt into a KV cache, then decode max_new_tokens tokens. Returns [B, max_new_tokens]."""
-    B, P = tokens.shape
-    T = P + max_new_tokens
-    mask = jnp.ones((B, P), bool) if attention_mask is None else attention_mask.astype(bool)
-    prompt_pos = position_ids(mask)
-    new_pos = prompt_pos[:, -1:] + 1 + jnp.arange(max_new_tokens)[None]
-    pos_ids = jnp.concatenate([prompt_pos, new_pos], axis=1)
-    key_valid = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
-    ctx = Ctx(cfg, edits, None, n_prompt=P, n_keys=T, pos_ids=pos_ids, key_valid=key_valid)
-    dt = params["embed"]["W_E"].dtype
-    shape = (cfg.n_layers, B, T, cfg.n_kv_heads, cfg.d_head)
-    kv = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
-
-    def step(kv, toks, cols):
-        x = embed(ctx, params, toks, cols, {})
-        x, kv, _ = run_stack(ctx, params["blocks"], x, cols, kv=kv, want_kv=True)
-        return unembed(ctx, params, x[:, -1:], cols[-1:], {})[:, 0], kv
-
-    logits, kv = step(kv, tokens, jnp.arange(P))
-    keys = jax.random.split(key, max_new_tokens)
-    done = jnp.zeros((B,), bool)
-
-    def pick(logits, k, done):
-        tok = _sample(logits, k, do_sample, temperature, top_k, top_p)
-        if eos_token_id is not None:
-            tok = jnp.where(done, pad_token_id if pad_token_id is not None else eos_token_id, tok)
-            done = done | (tok == eos_token_id)
-        return tok, done
-
-    tok, done = pick(logits, keys[0], done)
-
-    def body(carry, t):
-        kv, tok, done = carry
-        logits, kv = step(kv, tok[:, None], (P + t)[None])
-        nxt, done = pick(logits, keys[t + 1], done)
-        return (kv, nxt, done), tok
-
-    if max_new_tokens > 1:
-        (kv, last, done), out = lax.scan(body, (kv, tok, done), jnp.arange(max_new_tokens - 1))
-        return jnp.concatenate([out.T, last[:, None]], axis=1)
-    return tok[:, None]

@@ -1,6 +1,7 @@
-"""Gemma: embeddings scaled by sqrt(d_model), GeGLU MLP, (1 + w) RMSNorm, explicit head_dim, tied embeddings."""
+"""Gemma: embeddings scaled by sqrt(d_model), GeGLU MLP, (1 + w) RMSNorm, explicit head_dim, tied embeddings (HF default)."""
 
-from jinterp.arch.families import hf_attr, llama
+from jinterp.arch.families import llama
+from jinterp.io.hf import hf_attr
 
 MODEL_TYPES = ("gemma",)
 PREFIXES = llama.PREFIXES
@@ -12,7 +13,6 @@ def config(hf):
         "gemma",
         act=hf_attr(hf, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
         embed_scale=hf.hidden_size**0.5,
-        tied_embeddings=True,
     )
 
 

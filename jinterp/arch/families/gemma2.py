@@ -1,7 +1,8 @@
 """Gemma 2: Gemma plus attention and final-logit soft-capping, alternating sliding-window layers,
 norms before and after both attention and MLP, and scores scaled by query_pre_attn_scalar ** -0.5."""
 
-from jinterp.arch.families import hf_attr, llama
+from jinterp.arch.families import llama
+from jinterp.io.hf import hf_attr
 
 MODEL_TYPES = ("gemma2",)
 PREFIXES = llama.PREFIXES
@@ -13,7 +14,6 @@ def config(hf):
         "gemma2",
         act=hf_attr(hf, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
         embed_scale=hf.hidden_size**0.5,
-        tied_embeddings=True,
         post_norms=True,
         attn_scale=float(hf.query_pre_attn_scalar) ** -0.5,
         attn_softcap=hf_attr(hf, "attn_logit_softcapping"),

@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from jinterp.arch.families import UnsupportedArchitecture, hf_attr, zeros
+from jinterp.arch.families.common import unembedding
 from jinterp.config import Config
+from jinterp.io.hf import UnsupportedArchitecture, hf_attr
 
 MODEL_TYPES = ("gpt2",)
 PREFIXES = ("transformer.", "")
@@ -42,7 +43,6 @@ def params(r, c: Config, hf) -> dict:
     b_Q, b_K, b_V = (b.reshape(L, H, dh) for b in np.split(qkv_b, 3, axis=-1))
     W_E = r.get("wte.weight", (V, D))
     ln = lambda n: {"w": r.stack(f"h.{{}}.{n}.weight", L, (D,)), "b": r.stack(f"h.{{}}.{n}.bias", L, (D,))}
-    untied = not c.tied_embeddings and r.has("lm_head.weight")
     return {
         "embed": {"W_E": W_E},
         "pos_embed": {"W_pos": r.get("wpe.weight", (c.n_ctx, D))},
@@ -62,10 +62,7 @@ def params(r, c: Config, hf) -> dict:
             },
         },
         "ln_final": {"w": r.get("ln_f.weight", (D,)), "b": r.get("ln_f.bias", (D,))},
-        "unembed": {
-            "W_U": (r.get("lm_head.weight", (V, D)) if untied else W_E).T,
-            "b_U": zeros((V,), W_E),
-        },
+        "unembed": unembedding(r, "lm_head.weight", W_E, c),
     }
 
 

@@ -6,8 +6,9 @@ whose files only set their own knobs.
 
 import numpy as np
 
-from jinterp.arch.families import hf_attr, layer_windows, rope_settings, zeros
+from jinterp.arch.families.common import unembedding, zeros
 from jinterp.config import Config
+from jinterp.io.hf import hf_attr, layer_windows, rope_settings
 
 MODEL_TYPES = ("llama",)
 PREFIXES = ("model.",)
@@ -29,7 +30,7 @@ def base_config(hf, family: str, **over) -> Config:
         norm="rmsnorm",
         norm_eps=hf.rms_norm_eps,
         act=hf_attr(hf, "hidden_act", default="silu"),
-        gated_mlp=True,
+        mlp="gated",
         tied_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         windows=layer_windows(hf, hf.num_hidden_layers),
         **rope_settings(hf, dh),
@@ -91,11 +92,9 @@ def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, nor
         "W_out": mlp_w("down_proj", (D, F)),
         "b_out": bias("mlp.down_proj.bias", (D,), mlp_bias),
     }
-    untied = not c.tied_embeddings or r.has("lm_head.weight")
-    W_U = r.get("lm_head.weight", (V, D)) if untied else W_E
     return {
         "embed": {"W_E": W_E},
         "blocks": blocks,
         "ln_final": {"w": norm_w("norm.weight")},
-        "unembed": {"W_U": W_U.T, "b_U": zeros((V,), W_E)},
+        "unembed": unembedding(r, "lm_head.weight", W_E, c),
     }

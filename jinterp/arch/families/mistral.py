@@ -1,6 +1,7 @@
 """Mistral: Llama with sliding-window attention on every layer."""
 
-from jinterp.arch.families import layer_windows, llama
+from jinterp.arch.families import llama
+from jinterp.io.hf import layer_windows
 
 MODEL_TYPES = ("mistral",)
 PREFIXES = llama.PREFIXES

@@ -1,7 +1,8 @@
 """GPT-NeoX / Pythia: partial rotary, LayerNorm, parallel or sequential residual, fused per-head qkv."""
 
-from jinterp.arch.families import rope_settings, zeros
+from jinterp.arch.families.common import unembedding, zeros
 from jinterp.config import Config
+from jinterp.io.hf import rope_settings
 
 MODEL_TYPES = ("gpt_neox",)
 PREFIXES = ("gpt_neox.",)
@@ -42,7 +43,6 @@ def params(r, c: Config, hf) -> dict:
         b_O = zeros((L, D), W_Q)
     ln = lambda n: {"w": r.stack(f"layers.{{}}.{n}.weight", L, (D,)), "b": r.stack(f"layers.{{}}.{n}.bias", L, (D,))}
     W_E = r.get("embed_in.weight", (V, D))
-    W_U = W_E if c.tied_embeddings and not r.has("embed_out.weight") else r.get("embed_out.weight", (V, D))
     return {
         "embed": {"W_E": W_E},
         "blocks": {
@@ -61,5 +61,5 @@ def params(r, c: Config, hf) -> dict:
             },
         },
         "ln_final": {"w": r.get("final_layer_norm.weight", (D,)), "b": r.get("final_layer_norm.bias", (D,))},
-        "unembed": {"W_U": W_U.T, "b_U": zeros((V,), W_E)},
+        "unembed": unembedding(r, "embed_out.weight", W_E, c),
     }

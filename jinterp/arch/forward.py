@@ -1,0 +1,267 @@
+"""The decoder's entry points: the full forward, generation, the final read-out, and the partial
+forward a sweep runs (a base run, then re-runs that resume from it).
+
+All are pure functions of (params, inputs) with a static `cfg`; callers jit them. The layer kit
+they assemble (`decoder.py`: the per-call context, the block, the layer scan) stays inside arch/.
+
+Partial forwards ("compute only what changes", DESIGN.md principle 6): `base_run` keeps what a
+re-run needs from the unedited run (the residual entering every block, every block's keys,
+values and attention mixes, the final residual). `resume` re-runs layers >= a traced `start` on
+positions >= a static `s0`, reading keys and values before s0 from the base run, and computes
+logits only at the positions and token ids the caller asks for.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from jinterp.arch import decoder as D
+from jinterp.arch.params import param_shapes
+from jinterp.config import Config
+
+F32 = jnp.float32
+PRE_BLOCK_SITES = ("hook_embed", "hook_pos_embed")
+
+
+def position_ids(attention_mask):
+    """Position ids that follow the mask: each real token's index among the real tokens of its row."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+
+
+def _mask(tokens, attention_mask):
+    return jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+
+
+def forward(params, tokens, attention_mask, edits=(), *, cfg: Config, record=None, logits_at=None):
+    """Full forward -> (logits [B, S, V] (or at rows logits_at), recorded acts keyed by local site name).
+
+    record: {local site: layers tuple (block sites) or None (global sites)}, as sites.select gives.
+    """
+    B, P = tokens.shape
+    mask = _mask(tokens, attention_mask)
+    ctx = D.Ctx(cfg, edits, record, n_prompt=P, n_keys=P, pos_ids=position_ids(mask), key_valid=mask)
+    cols = jnp.arange(P)
+    acts: dict[str, Any] = {}
+    x = D.embed(ctx, params, tokens, cols, acts)
+    x, _, block_acts = D.run_stack(ctx, params["blocks"], x, cols)
+    if logits_at is not None:
+        sel = np.asarray(logits_at)
+        x, cols = x[:, sel], cols[sel]
+    logits = D.final(ctx, params, x, cols, acts)
+    acts.update(block_acts)
+    return logits, acts
+
+
+def unembed(params, cfg: Config, x, vocab=None):
+    """Final norm and unembedding of residuals x [..., pos, d_model] -> logits (no edits, no recording).
+    vocab: static token ids to compute logits for (default all)."""
+    lead = x.shape[:-2]
+    x2 = x.reshape((-1,) + x.shape[-2:])
+    out = D.final(D.Ctx(cfg), params, x2, jnp.arange(x.shape[-2]), {}, vocab=vocab)
+    return out.reshape(lead + out.shape[-2:])
+
+
+def _sample(logits, key, do_sample, temperature, top_k, top_p):
+    logits = logits.astype(F32)
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        srt = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(srt, axis=-1)
+        # keep the smallest set whose mass reaches top_p (always at least the top token)
+        keep = (jnp.cumsum(probs, -1) - probs) < top_p
+        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    params, tokens, attention_mask, edits, key, *, cfg: Config, max_new_tokens, do_sample=False,
+    temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None,
+):
+    """Prefill the (left-padded) prompt into a KV cache, then decode max_new_tokens tokens. Returns [B, max_new_tokens]."""
+    B, P = tokens.shape
+    T = P + max_new_tokens
+    mask = _mask(tokens, attention_mask)
+    prompt_pos = position_ids(mask)
+    new_pos = prompt_pos[:, -1:] + 1 + jnp.arange(max_new_tokens)[None]
+    pos_ids = jnp.concatenate([prompt_pos, new_pos], axis=1)
+    key_valid = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
+    ctx = D.Ctx(cfg, edits, None, n_prompt=P, n_keys=T, pos_ids=pos_ids, key_valid=key_valid)
+    dt = params["embed"]["W_E"].dtype
+    shape = (cfg.n_layers, B, T, cfg.n_kv_heads, cfg.d_head)
+    kv = (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+    def step(kv, toks, cols):
+        x = D.embed(ctx, params, toks, cols, {})
+        x, kv, _ = D.run_stack(ctx, params["blocks"], x, cols, kv=kv, want_kv=True)
+        return D.final(ctx, params, x[:, -1:], cols[-1:], {})[:, 0], kv
+
+    logits, kv = step(kv, tokens, jnp.arange(P))
+    keys = jax.random.split(key, max_new_tokens)
+    done = jnp.zeros((B,), bool)
+
+    def pick(logits, k, done):
+        tok = _sample(logits, k, do_sample, temperature, top_k, top_p)
+        if eos_token_id is not None:
+            tok = jnp.where(done, pad_token_id if pad_token_id is not None else eos_token_id, tok)
+            done = done | (tok == eos_token_id)
+        return tok, done
+
+    tok, done = pick(logits, keys[0], done)
+
+    def body(carry, t):
+        kv, tok, done = carry
+        logits, kv = step(kv, tok[:, None], (P + t)[None])
+        nxt, done = pick(logits, keys[t + 1], done)
+        return (kv, nxt, done), tok
+
+    if max_new_tokens > 1:
+        (kv, last, done), out = lax.scan(body, (kv, tok, done), jnp.arange(max_new_tokens - 1))
+        return jnp.concatenate([out.T, last[:, None]], axis=1)
+    return tok[:, None]
+
+
+# ----------------------------------------------------------------------------------------
+# which sites exist: the decoder itself says, by passing through them
+
+
+@functools.lru_cache(maxsize=None)
+def emitted_sites(cfg: Config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(block sites, global sites) this config's forward passes through, in firing order. Found by
+    tracing the forward abstractly, so the decoder is the one source of truth for which sites exist."""
+    seen: list[str] = []
+    shapes = param_shapes(cfg, jnp.float32)
+    toks = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+
+    def run(params, tokens):
+        P = tokens.shape[1]
+        mask = jnp.ones(tokens.shape, bool)
+        ctx = D.Ctx(cfg, (), None, n_prompt=P, n_keys=P, pos_ids=position_ids(mask), key_valid=mask, seen=seen)
+        cols = jnp.arange(P)
+        x = D.embed(ctx, params, tokens, cols, {})
+        x, _, _ = D.block(ctx, jax.tree.map(lambda a: a[0], params["blocks"]), x, 0, cols)
+        return D.final(ctx, params, x, cols, {})
+
+    jax.eval_shape(run, shapes, toks)
+    order = list(dict.fromkeys(seen))
+    return tuple(n for n, is_global in order if not is_global), tuple(n for n, is_global in order if is_global)
+
+
+# ----------------------------------------------------------------------------------------
+# partial forwards: a base run, and re-runs that resume from it
+
+
+@struct.dataclass
+class Base:
+    """What a partial re-run reads from the unedited run: residuals entering each block, every
+    block's keys/values and attention mixes, the final residual, and the sequence geometry."""
+
+    tokens: jax.Array  # [B, P]
+    mask: jax.Array  # [B, P] bool
+    pos_ids: jax.Array  # [B, P]
+    resid_pre: jax.Array  # [L, B, P, D]
+    z: jax.Array  # [L, B, P, H, dh] attention mixes (to resume a block after its attention)
+    kv: tuple  # (K, V) each [L, B, P, Hkv, dh]
+    resid_final: jax.Array  # [B, P, D] output of the last block
+
+
+def base_run(params, tokens, attention_mask, *, cfg: Config) -> Base:
+    """The unedited run, keeping what `resume` reads."""
+    B, P = tokens.shape
+    mask = _mask(tokens, attention_mask)
+    pos = position_ids(mask)
+    every = tuple(range(cfg.n_layers))
+    ctx = D.Ctx(cfg, (), {"hook_resid_pre": every, "attn.hook_z": every}, n_prompt=P, n_keys=P, pos_ids=pos, key_valid=mask)
+    cols = jnp.arange(P)
+    x = D.embed(ctx, params, tokens, cols, {})
+    shape = (cfg.n_layers, B, P, cfg.n_kv_heads, cfg.d_head)
+    kv0 = (jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    xf, kv, acts = D.run_stack(ctx, params["blocks"], x, cols, kv=kv0, want_kv=True)
+    return Base(tokens, mask, pos, acts["hook_resid_pre"], acts["attn.hook_z"], kv, xf)
+
+
+def _resume_ctx(cfg, base: Base, edits, record=None):
+    P = base.tokens.shape[1]
+    return D.Ctx(cfg, edits, record, n_prompt=P, n_keys=P, pos_ids=base.pos_ids, key_valid=base.mask)
+
+
+def _entry(params, base: Base, ctx, edits, start, s0):
+    """Residual entering the first re-run block at positions >= s0, and that block's index."""
+    P = base.tokens.shape[1]
+    if any(e.site in PRE_BLOCK_SITES for e in edits):  # embedding edits: run from the tokens
+        return D.embed(ctx, params, base.tokens[:, s0:], jnp.arange(s0, P), {}), 0
+    return lax.dynamic_index_in_dim(base.resid_pre, start, 0, keepdims=False)[:, s0:], start
+
+
+def resume(params, cfg: Config, base: Base, edits, start, s0: int = 0, positions=None, vocab=None):
+    """Edited logits, re-running layers >= start (traced) at positions >= s0 (static), as a
+    [B, P, V] view in which only `positions` and `vocab` (static tuples; None = all) hold real
+    values. The caller guarantees no edit changes a layer below start or a position below s0.
+    When no edit targets a block site before attn.hook_z, block `start` resumes from the base
+    run's attention mixes instead of recomputing attention."""
+    edits = tuple(edits)
+    P = base.tokens.shape[1]
+    ctx = _resume_ctx(cfg, base, edits)
+    x0, start = _entry(params, base, ctx, edits, start, s0)
+    cols = jnp.arange(s0, P)
+    kv = base.kv if s0 > 0 else None
+    want = tuple(range(P)) if positions is None else tuple(positions)
+    inside = tuple(p for p in want if p >= s0)
+    before = tuple(p for p in want if p < s0)
+    qsel = None if positions is None else np.asarray([p - s0 for p in inside], np.int32)
+    # a block can resume with the base run's attention mixes when no edit targets a site before them
+    block_order = emitted_sites(cfg)[0]
+    after = block_order[block_order.index("attn.hook_z"):]
+    resume_z = all(e.site in after or e.site.startswith("ln_final") for e in edits)
+    rz = base.z[:, :, s0:] if resume_z else None
+    parts = []
+    if before:  # positions before s0 hold the base run's final residual
+        idx = np.asarray(before, np.int32)
+        parts.append(D.final(ctx, params, base.resid_final[:, idx], jnp.asarray(idx), {}, vocab=vocab))
+    if inside:
+        x, _, _ = D.run_stack(ctx, params["blocks"], x0, cols, kv=kv, start=start, final_qsel=qsel, resume_z=rz)
+        parts.append(D.final(ctx, params, x, jnp.asarray(inside, np.int32), {}, vocab=vocab))
+    rows = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return _view(rows, before + inside, P, vocab, cfg.d_vocab)
+
+
+def resume_record(params, cfg: Config, base: Base, edits, start, record: dict):
+    """Re-run every position from layer `start` (traced) with edits, recording {local site: layers}."""
+    edits = tuple(edits)
+    # skipped layers record nothing: start no later than the first recorded layer
+    start = jnp.minimum(start, min(min(ls) for ls in record.values()))
+    ctx = _resume_ctx(cfg, base, edits, record)
+    x0, start = _entry(params, base, ctx, edits, start, 0)
+    _, _, acts = D.run_stack(ctx, params["blocks"], x0, jnp.arange(base.tokens.shape[1]), start=start)
+    return acts
+
+
+def _view(rows, order, P, vocab, V):
+    """rows [B, len(order), len(vocab)] -> a [B, P, V] view holding them at positions `order` and
+    token ids `vocab` (other entries repeat them; the metric does not read those). XLA fuses the
+    view into the metric's reads, so it is never materialised."""
+    if order != tuple(range(P)):
+        if len(order) == 1:
+            rows = jnp.broadcast_to(rows, (rows.shape[0], P, rows.shape[2]))
+        else:
+            idx = np.zeros(P, np.int32)
+            idx[list(order)] = np.arange(len(order))
+            rows = jnp.take(rows, jnp.asarray(idx), axis=1)
+    if vocab is not None:
+        idx = np.zeros(V, np.int32)
+        idx[list(vocab)] = np.arange(len(vocab))
+        rows = jnp.take(rows, jnp.asarray(idx), axis=2)
+    return rows

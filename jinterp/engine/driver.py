@@ -1,0 +1,246 @@
+"""The one sweep driver: every recipe (patching, path patching, back-patching, ablation scans)
+builds cells and a cell function, then calls `sweep` (raw arrays) or `sweep_grid` (a labelled
+grid).
+
+A *cell* is one point of the sweep (say layer 3, position 5); `cells` is a dict of arrays with a
+leading axis over all N cells. A *cell function* is a frozen (hashable) dataclass called as
+`cell_fn(cell, data, runner)`: it builds edits from its cell and from `data` (arrays shared by all
+cells, e.g. a clean cache) and asks the runner for a score. Because the cell function is static
+and hashable by value and everything else is an array, the whole sweep is one compiled program:
+repeated sweeps with the same shapes reuse it.
+
+The driver:
+- vmaps the cell function over chunks of cells, sized to a memory budget (engine/plan.py);
+- computes only what changes (DESIGN.md principle 6): a cell whose edits start at layer l and
+  position p re-runs layers >= l (from the base run's cached residual) and positions >= p (reading
+  the base run's keys and values before p), and the last block and unembedding run only at the
+  positions and token ids the metric reads (metrics.reads);
+- shows progress, shards the cell axis over a device mesh, and checkpoints finished cells so an
+  interrupted sweep resumes (engine/store.py).
+
+Results equal the naive computation (one full forward per cell) up to float rounding; the tests
+check this against per-cell loops.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinterp import arch
+from jinterp import metrics as M
+from jinterp.engine.plan import plan
+from jinterp.engine.store import SweepStore, signature
+from jinterp.results import Labelled, label_grid
+
+_base_run = jax.jit(arch.base_run, static_argnames=("cfg",))
+
+
+def base_run(model, tokens, attention_mask=None) -> arch.Base:
+    """The unedited run a sweep's partial re-runs start from."""
+    tokens, mask = model.prepare_inputs(tokens, attention_mask)
+    return _base_run(model.params, tokens, mask, cfg=model.config)
+
+
+class Runner:
+    """What a cell function asks for, inside one compiled chunk: partial forwards from the base run.
+
+    start: traced layer index where this chunk's edits begin; s0: static first position that can
+    change; positions / vocab: static tuples of the positions and token ids the metric reads
+    (None = all).
+    """
+
+    def __init__(self, params, cfg, base: arch.Base, start, s0: int, positions, metric, vocab=None):
+        self.params, self.cfg, self.base = params, cfg, base
+        self.start, self.s0, self.positions, self.metric, self.vocab = start, s0, positions, metric, vocab
+
+    def logits(self, edits, start=None):
+        """Edited logits as a [B, P, V] view; only the positions and token ids the metric reads hold
+        real values."""
+        start = self.start if start is None else start
+        return arch.resume(self.params, self.cfg, self.base, edits, start, self.s0, self.positions, self.vocab)
+
+    def score(self, edits, start=None):
+        return self.metric(self.logits(edits, start))
+
+    def generate(self, edits, max_new_tokens: int):
+        """Greedy continuation of the base tokens with edits (full prefill; edits whose positions lie in the
+        prompt act on the prompt pass only) -> [B, max_new_tokens]."""
+        b = self.base
+        return arch.generate(self.params, b.tokens, b.mask, tuple(edits), jax.random.PRNGKey(0), cfg=self.cfg,
+                             max_new_tokens=max_new_tokens)
+
+    def record(self, edits, names: dict, start=None):
+        """Run every position from `start` with edits, recording {local site: layers} -> acts dict."""
+        start = self.start if start is None else start
+        return arch.resume_record(self.params, self.cfg, self.base, edits, start, names)
+
+
+def _chunk(params, base, cells, data, start, *, cfg, cell_fn, metric, s0, positions, vocab):
+    def one(cell):
+        return cell_fn(cell, data, Runner(params, cfg, base, start, s0, positions, metric, vocab))
+
+    return jax.vmap(one)(cells)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "mesh"))
+def _run_chunk(params, base, cells, data, start, *, cfg, cell_fn, metric, s0, positions, vocab=None, mesh=None):
+    """One chunk of cells, vmapped. With a mesh, shard_map splits the cells over its first axis and
+    every device runs the single-device program on its slice (no SPMD partitioning of the model)."""
+    body = functools.partial(_chunk, cfg=cfg, cell_fn=cell_fn, metric=metric, s0=s0, positions=positions, vocab=vocab)
+    if mesh is None:
+        return body(params, base, cells, data, start)
+    from jax.sharding import PartitionSpec as PS
+
+    rep, split = PS(), PS(mesh.axis_names[0])
+    # each device runs an independent single-device program: no cross-device values to type-check
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, split, rep, rep), out_specs=split, check_vma=False)(
+        params, base, cells, data, start
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cell_fn", "n_layers", "n_prompt"))
+def _bounds(cells, data, *, cell_fn, n_layers, n_prompt):
+    return jax.vmap(lambda c: cell_fn.bounds(c, data, n_layers, n_prompt))(cells)
+
+
+def _static_metric(metric):
+    try:
+        hash(metric)
+        return metric
+    except TypeError as e:
+        raise TypeError(
+            "the metric must be hashable (a function, or a frozen dataclass like jinterp.metrics.LogitDiff); "
+            f"got {type(metric).__name__}"
+        ) from e
+
+
+def sweep(
+    model,
+    tokens,
+    cells: dict,
+    cell_fn,
+    *,
+    data: Any = None,
+    metric: Callable | None = None,
+    attention_mask=None,
+    base: arch.Base | None = None,
+    metric_positions="auto",
+    buckets: bool = True,
+    unchanged_prefix: int = 0,
+    chunk_size: int | None = None,
+    memory_budget: float = 2e9,
+    mesh=None,
+    progress: bool | str = True,
+    checkpoint_dir=None,
+    desc: str = "sweep",
+):
+    """Run cell_fn over every cell. Returns the stacked outputs (numpy, leading axis N).
+
+    model, tokens, attention_mask: the base run (whose cached residuals partial re-runs start from).
+    cells: dict of arrays [N]; cell_fn: frozen dataclass (cell, data, runner) -> pytree, optionally
+    with bounds(cell, data, n_layers, n_prompt) -> (first layer, first position) it can change.
+    metric: logits [B, P, V] -> scalar (or small array), used by runner.score.
+    unchanged_prefix: positions before it hold the same activations in the base run and in the
+    runs the cell sources come from (e.g. clean and corrupted prompts agree there), so no edit can
+    change them and no cell recomputes them.
+    metric_positions: "auto" (probe which positions and token ids the metric reads, and compute
+    logits only there), None (all), or the positions.
+    buckets: group cells by their first changed position (False: every cell re-runs all positions).
+    mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device).
+    checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
+    """
+    cfg = model.config
+    if base is None:
+        base = base_run(model, tokens, attention_mask)
+    P = int(base.tokens.shape[1])
+    B = int(base.tokens.shape[0])
+    metric = _static_metric(metric) if metric is not None else None
+    cells = {k: np.asarray(v) for k, v in cells.items()}
+    N = len(next(iter(cells.values())))
+    if metric is not None and metric_positions == "auto":
+        positions, vocab = M.reads(metric, arch.unembed(model.params, cfg, base.resid_final))
+    elif metric_positions in (None, "auto"):
+        positions = vocab = None
+    else:
+        positions = tuple(sorted({int(p) % P for p in np.atleast_1d(metric_positions)}))
+        vocab = None
+
+    # where each cell can start
+    if hasattr(cell_fn, "bounds"):
+        fl, fc = (np.asarray(a) for a in _bounds(cells, data, cell_fn=cell_fn, n_layers=cfg.n_layers, n_prompt=P))
+        fl = np.clip(fl, 0, cfg.n_layers - 1)
+        fc = np.clip(fc, 0, P)
+    else:
+        fl, fc = np.zeros(N, np.int32), np.zeros(N, np.int32)
+
+    # output buffers, and resumption
+    one = jax.tree.map(lambda a: a[:1], cells)
+    out_shape = jax.eval_shape(
+        lambda c: _run_chunk(model.params, base, c, data, jnp.int32(0), cfg=cfg, cell_fn=cell_fn, metric=metric, s0=0,
+                             positions=positions, vocab=vocab), one
+    )
+    results = jax.tree.map(lambda s: np.full((N,) + s.shape[1:], np.nan if np.issubdtype(s.dtype, np.floating) else 0, s.dtype), out_shape)
+    done = np.zeros(N, bool)
+    store = None
+    if checkpoint_dir is not None:
+        params_sample = [np.asarray(l).ravel()[:4096] for l in jax.tree.leaves(model.params)]
+        sig = signature(cfg, cell_fn, metric, positions, vocab, base.tokens, base.mask, cells, jax.tree.leaves(data), params_sample)
+        store = SweepStore(checkpoint_dir, sig)
+        restored = store.load(results)
+        if restored is not None:
+            results, done = restored
+
+    n_dev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
+    todo = np.nonzero(~done)[0]
+    chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab,
+                  itemsize=jnp.dtype(model.dtype).itemsize, buckets=buckets, unchanged_prefix=unchanged_prefix,
+                  chunk_size=chunk_size, memory_budget=memory_budget, n_devices=n_dev)
+
+    bar = None
+    if progress and len(chunks) > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=desc, unit="cell", leave=False)
+
+    def dispatch(ch):
+        pad = np.concatenate([ch.cells, np.repeat(ch.cells[:1], ch.size - len(ch.cells))])
+        chunk = {k: v[pad] for k, v in cells.items()}
+        out = _run_chunk(model.params, base, chunk, data, jnp.int32(ch.layer), cfg=cfg, cell_fn=cell_fn, metric=metric,
+                         s0=ch.s0, positions=positions, vocab=vocab, mesh=mesh)
+        return ch.cells, out
+
+    # dispatch the next chunk before reading the last one back, so the device never waits on the host
+    last_save = time.time()
+    pending = None
+    for ch in chunks + [None]:
+        nxt = dispatch(ch) if ch is not None else None
+        if pending is not None:
+            idx, out = pending
+            for r, o in zip(jax.tree.leaves(results), jax.tree.leaves(out)):
+                r[idx] = np.asarray(o)[: len(idx)]
+            done[idx] = True
+            if bar is not None:
+                bar.update(len(idx))
+            if store is not None and (time.time() - last_save > 10 or nxt is None):
+                store.save(results, done)
+                last_save = time.time()
+        pending = nxt
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def sweep_grid(model, tokens, axes: dict, cell_fn, *, name: str, metric=None, **kw) -> Labelled:
+    """Sweep every point of a grid and label the result: axes maps each grid axis (cells are keyed
+    by these names) to its labels; the result is Labelled [*axes, *metric output axes]."""
+    shape = tuple(len(l) for l in axes.values())
+    grid = np.indices(shape).reshape(len(shape), -1).astype(np.int32)
+    cells = dict(zip(axes, grid))
+    out = np.asarray(sweep(model, tokens, cells, cell_fn, metric=metric, desc=name, **kw))
+    return label_grid(out.reshape(shape + out.shape[1:]), axes, metric, name=name)

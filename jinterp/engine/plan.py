@@ -1,0 +1,65 @@
+"""Planning a sweep: which cells share a compiled program, and how many run at once.
+
+A cell whose edits start at layer l and position p only needs layers >= l and positions >= p
+re-run. Positions are grouped into a few static *buckets* (each compiles once; a cell runs in the
+narrowest bucket that still holds its first changed position), cells within a bucket are grouped
+by first layer (a traced start index), and each group is split into chunks sized to a memory
+budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+def position_buckets(P: int, min_width: int = 4) -> list[int]:
+    """Static bucket starts: 0, then the last P//2, P//4, ... positions. Finer buckets were tried:
+    they split cells into chunks too small for efficient matrix products."""
+    out, w = [0], P
+    while w // 2 >= min_width:
+        w //= 2
+        out.append(P - w)
+    return out
+
+
+def bytes_per_cell(cfg, B, S, P, n_pos, n_vocab, itemsize) -> int:
+    """A rough peak of one cell's live activations: the widest layer intermediates plus its logits."""
+    per_row = 6 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * P
+    return 2 * itemsize * B * (S * per_row + n_pos * n_vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    s0: int  # first re-run position (a bucket start)
+    layer: int  # first re-run layer
+    size: int  # padded chunk size (compiled shape)
+    cells: np.ndarray  # indices of the cells it runs
+
+
+def plan(first_layer, first_pos, todo, *, cfg, batch, P, positions, vocab, itemsize, buckets=True,
+         unchanged_prefix=0, chunk_size=None, memory_budget=2e9, n_devices=1) -> list[Chunk]:
+    """Chunks covering the cells `todo`, given each cell's first changed layer and position."""
+    fc = np.maximum(first_pos, int(unchanged_prefix))
+    starts = position_buckets(P) if buckets else [0]
+    if buckets and 0 < unchanged_prefix < P:
+        starts = sorted(set(starts) | {int(unchanged_prefix)})
+    s0 = np.array([max(s for s in starts if s <= c) for c in fc], np.int32)
+    out = []
+    for s in sorted(set(s0[todo].tolist())):
+        in_bucket = todo[s0[todo] == s]
+        layers = sorted(set(first_layer[in_bucket].tolist()))
+        biggest = max(int((first_layer[in_bucket] == l).sum()) for l in layers)
+        S = P - s
+        n_pos = len(positions or range(S))
+        n_voc = len(vocab or range(cfg.d_vocab))
+        cap = chunk_size or max(1, int(memory_budget // bytes_per_cell(cfg, batch, S, P, n_pos, n_voc, itemsize)))
+        C = max(1, min(cap, biggest))
+        C = n_devices * math.ceil(C / n_devices)
+        for l in layers:
+            idx = in_bucket[first_layer[in_bucket] == l]
+            for i in range(0, len(idx), C):
+                out.append(Chunk(int(s), int(l), C, idx[i : i + C]))
+    return out

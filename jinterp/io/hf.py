@@ -1,0 +1,97 @@
+"""HF `config.json`: reading it, the one supported-architecture check, and the parsing helpers the
+family files share (attributes under several names, rotary settings, per-layer sliding windows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Collection
+
+from jinterp.config import ROPE_TYPES
+from jinterp.io.safetensors import CheckpointError
+
+
+class UnsupportedArchitecture(ValueError):
+    """A model type, or an option of a supported one, that jinterp does not implement."""
+
+
+def read_config(directory, supported: Collection[str]):
+    """The transformers config of the HF model in `directory`, once its model_type is in `supported`.
+
+    The check reads config.json itself first, so an unsupported model type is named (with the
+    supported ones) even where this transformers version cannot parse it.
+    """
+    cfg_file = Path(directory) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{directory} has no config.json; is it an HF-format model directory?")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    model_type = raw.get("model_type")
+    if model_type not in supported:
+        arch = (raw.get("architectures") or [model_type])[0]
+        raise UnsupportedArchitecture(
+            f"unsupported architecture {arch!r} (model_type {model_type!r}) in {cfg_file}. "
+            f"jinterp supports model types: {', '.join(sorted(supported))}."
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(directory))
+
+
+def hf_attr(hf, *names, default=None):
+    """First attribute of the HF config that is present and not None."""
+    for n in names:
+        v = getattr(hf, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def rope_settings(hf, head_dim: int) -> dict:
+    """Rotary settings from an HF config, wherever this transformers version keeps them.
+
+    transformers 5 keeps them in `rope_parameters`; older configs use rope_theta / rope_scaling /
+    rotary_pct / rotary_emb_base.
+    """
+    rp = dict(getattr(hf, "rope_parameters", None) or {})
+    if rp and all(isinstance(v, dict) for v in rp.values()):
+        raise UnsupportedArchitecture("per-layer-type rotary settings (rope_parameters by layer type) are not supported")
+    legacy = dict(getattr(hf, "rope_scaling", None) or {})
+    theta = rp.get("rope_theta", hf_attr(hf, "rope_theta", "rotary_emb_base", default=10000.0))
+    partial = rp.get("partial_rotary_factor", hf_attr(hf, "partial_rotary_factor", "rotary_pct", default=1.0))
+    scaling = {**legacy, **{k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    keep = {"rope_type": kind}
+    if kind == "linear":
+        keep["factor"] = float(scaling["factor"])
+    elif kind == "llama3":
+        for k in ("factor", "low_freq_factor", "high_freq_factor"):
+            keep[k] = float(scaling[k])
+        keep["original_max_position_embeddings"] = int(
+            scaling.get("original_max_position_embeddings") or hf.max_position_embeddings
+        )
+    elif kind not in ROPE_TYPES:
+        raise UnsupportedArchitecture(f"rotary scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    return dict(
+        positional="rotary",
+        rope_theta=float(theta),
+        rotary_dim=int(head_dim * float(partial)),
+        rope_scaling=tuple(sorted(keep.items())),
+    )
+
+
+def layer_windows(hf, n_layers: int, all_layers: bool = False) -> tuple:
+    """Per-layer sliding windows from `layer_types` (or every layer when all_layers and sliding_window is set)."""
+    w = getattr(hf, "sliding_window", None)
+    if not w:
+        return ()
+    types = getattr(hf, "layer_types", None)
+    if types:
+        out = tuple(int(w) if t == "sliding_attention" else 0 for t in types)
+    elif all_layers:
+        out = (int(w),) * n_layers
+    else:
+        return ()
+    return out if any(out) else ()
