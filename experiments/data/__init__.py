@@ -1,0 +1,6 @@
+"""Dataset generators shared by the experiments (and by the organisms' recipes that train on them).
+
+- `needles`: needle-in-a-haystack prompts (Retrieval Head, Wu et al. 2024) over a word vocabulary,
+  tokenised by any tokenizer: a distractor context, a key/value needle at a chosen depth, and a final
+  query after which the model should reproduce the value span.
+"""
