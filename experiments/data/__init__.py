@@ -3,4 +3,5 @@
 - `needles`: needle-in-a-haystack prompts (Retrieval Head, Wu et al. 2024) over a word vocabulary,
   tokenised by any tokenizer: a distractor context, a key/value needle at a chosen depth, and a final
   query after which the model should reproduce the value span.
+- `ioi`: indirect-object-identification prompts (Wang et al. 2023).
 """
