@@ -98,12 +98,12 @@ def halves(nll: np.ndarray, seg: int) -> tuple[float, float]:
 
 
 def ablation_edits(mask: np.ndarray, source: np.ndarray) -> list:
-    """Edits replacing z of the heads in `mask` [layer, head] by `source` [layer, pos, head, d_head]:
-    z * (1 - mask) + mask * source. The mask is data, so every head set shares one compiled program."""
-    m = jnp.asarray(mask, jnp.float32)
-    keep = edits.scale("attn.hook_z", edits.Value(1.0 - m, ("layer", "head")))
-    fill = edits.steer("attn.hook_z", edits.Value(m[:, None, :, None] * jnp.asarray(source), ("layer", "pos", "head", "d_head")))
-    return [keep, fill]
+    """Edits replacing z of the heads in `mask` [layer, head] by `source` [layer, pos, head, d_head].
+    The mask is data, so every head set shares one compiled program."""
+    m = jnp.asarray(mask, jnp.float32)[:, :, None]
+    op = edits.SetWhere(edits.Value(jnp.asarray(source), ("layer", "pos", "head", "d_head")),
+                        edits.Value(m, ("layer", "head", "d_head")))
+    return [edits.edit("attn.hook_z", op)]
 
 
 def _names(heads) -> str:

@@ -51,7 +51,6 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from experiments.data import ioi as data
 from jinterp import detect, engine, metrics, patching
@@ -77,23 +76,12 @@ N_SE = 3.0       # standard errors
 # a knockout as data: z <- where(mask[layer, head], mean, z); the mask is a sweep cell
 
 
-@struct.dataclass
-class SetWhere(E.Op):
-    """new = value where mask > 0.5, else x (an edit op; mask and value are Values)."""
-
-    value: E.Value
-    mask: E.Value
-
-    def __call__(self, x, at):
-        return jnp.where(at.read(self.mask) > 0.5, at.read(self.value), x)
-
-
 @dataclasses.dataclass(frozen=True)
 class KnockoutCell:
     """Cell {"mask": [layer, head]}: mean-ablate the masked heads' z (data: per-example means [L, B, P, H, dh])."""
 
     def __call__(self, cell, data, runner):
-        op = SetWhere(E.Value(data, ("layer", "batch", "pos", "head", "d_head")),
+        op = E.SetWhere(E.Value(data, ("layer", "batch", "pos", "head", "d_head")),
                       E.Value(cell["mask"][:, :, None], ("layer", "head", "d_head")))
         return runner.score((E.edit("attn.hook_z", op),))
 

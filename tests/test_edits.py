@@ -468,3 +468,24 @@ def test_named_value_axes(pair):
         m(toks(0), edits=[E.scale("z", E.Value(jnp.ones((H, B)), ("head", "batch")))])
     with pytest.raises(E.EditError, match="does not have"):
         m(toks(0), edits=[E.scale("z", E.Value(jnp.asarray(c), ("layer", "d_mlp")))])
+
+
+def test_set_where_mask_as_data_matches_per_head_patches(pair):
+    """SetWhere with a [layer, head] mask equals patching each of those heads with the per-layer
+    source (an independent edit), and an empty mask changes nothing."""
+    _, _, m = pair
+    L, H = m.cfg.n_layers, m.cfg.n_heads
+    t = toks(7)
+    _, cache = m.run_with_cache(toks(8), names=lambda n: n.endswith("attn.hook_z"))
+    src = cache.stack("attn.hook_z")  # [L, B, P, H, dh]
+    mask = np.zeros((L, H), np.float32)
+    mask[0, 1] = mask[L - 1, 0] = 1.0
+
+    def set_where(mk):
+        return E.edit("attn.hook_z", E.SetWhere(E.Value(src, ("layer", "batch", "pos", "head", "d_head")),
+                                                E.Value(mk[:, :, None], ("layer", "head", "d_head"))))
+
+    ref = m(t, edits=[E.patch("attn.hook_z", src, layers=[0], heads=[1], per_layer=True),
+                      E.patch("attn.hook_z", src, layers=[L - 1], heads=[0], per_layer=True)])
+    close(m(t, edits=[set_where(mask)]), ref, atol=1e-6)
+    close(m(t, edits=[set_where(np.zeros_like(mask))]), m(t), atol=1e-6)

@@ -17,7 +17,7 @@ the prompt) or a boolean mask; `pos` and `key_pos` may be per example, int [batc
 [batch, seq]. `pos` may also be "decode" (the rows that produce new tokens in `generate`: the
 last prompt token and every generated one) or "generated" (generated tokens only).
 
-What (`ops.py`): Set, Add, Scale, Project, Knockout, Uniform, StopGradient; a new op is one small
+What (`ops.py`): Set, SetWhere, Add, Scale, Project, Knockout, Uniform, StopGradient; a new op is one small
 `flax.struct.dataclass` subclassing `Op` with `__call__(self, x, at) -> new`, used with
 `edit(site, MyOp(...), layers=..., pos=...)` and needing no change anywhere else.
 
@@ -48,12 +48,12 @@ import jax.numpy as jnp
 
 from jinterp import sites as S
 from jinterp.edits.core import At, Edit, Edits, apply, first_col, first_layer, site_shape, validate
-from jinterp.edits.ops import Add, Knockout, Op, Project, Scale, Set, StopGradient, Uniform
+from jinterp.edits.ops import Add, Knockout, Op, Project, Scale, Set, SetWhere, StopGradient, Uniform
 from jinterp.edits.select import EditError, Where, member, selector
 from jinterp.edits.values import Value
 
 __all__ = [
-    "Add", "At", "Edit", "EditError", "Edits", "Knockout", "Op", "Project", "Scale", "Set", "StopGradient",
+    "Add", "At", "Edit", "EditError", "Edits", "Knockout", "Op", "Project", "Scale", "Set", "SetWhere", "StopGradient",
     "Value", "Where", "apply", "edit", "first_col", "first_layer", "knockout", "mean_ablate", "member", "patch",
     "resample_ablate", "scale", "selector", "site_shape", "steer", "stop_gradient", "subspace_patch",
     "uniform_attention", "Uniform", "validate", "zero_ablate",

@@ -17,6 +17,7 @@ the default checks every `Value` field, so most ops never override it. `sites`, 
 restricts the sites the op may target.
 
     Set(v):             new = v                                  patching, ablation
+    SetWhere(v, m):     new = v where m > 0.5, else x            ablating a set of heads given as data
     Add(v):             new = x + v                              steering
     Scale(v):           new = x * v
     Project(v, B):      new = x + ((v - x) @ B) @ B.T            subspace patch; B [d, k] orthonormal columns
@@ -82,6 +83,18 @@ class Set(Op):
 
     def __call__(self, x, at):
         return at.read(self.value)
+
+
+@struct.dataclass
+class SetWhere(Op):
+    """Set where a data mask holds: the mask (e.g. a [layer, head] set of heads) is an array leaf, so
+    every set shares one compiled program and a sweep can vmap over sets."""
+
+    value: Value
+    mask: Value
+
+    def __call__(self, x, at):
+        return jnp.where(at.read(self.mask) > 0.5, at.read(self.value), x)
 
 
 @struct.dataclass
