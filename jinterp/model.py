@@ -50,6 +50,13 @@ class Model:
     def dtype(self):
         return self.W_E.dtype
 
+    @property
+    def mesh(self):
+        """The device mesh the parameters are sharded on (jinterp.load(..., mesh=)), or None."""
+        from jinterp.sharding import mesh_of
+
+        return mesh_of(self.params)
+
     def with_params(self, params) -> "Model":
         """The same model with other parameters (e.g. after a weight edit)."""
         return Model(self.config, params, self.tokenizer, self.name)
