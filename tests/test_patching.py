@@ -116,8 +116,41 @@ def test_driver_options_agree(setup):
     """Chunking, position buckets and metric positions give the same numbers."""
     _, m, _, corr, cache, metric = setup
     ref = patching.resid_pre(m, corr, cache, metric, progress=False).values
-    for kw in (dict(chunk_size=1), dict(buckets=False), dict(metric_positions=None), dict(chunk_size=3, buckets=False)):
+    for kw in (dict(chunk_size=1), dict(buckets=False), dict(metric_positions=None), dict(chunk_size=3, buckets=False),
+               dict(stairs=False), dict(stairs=False, chunk_size=3)):
         np.testing.assert_allclose(patching.resid_pre(m, corr, cache, metric, progress=False, **kw).values, ref, atol=2e-5)
+
+
+def test_staircase_plan():
+    """Bucket starts: the fewest that keep re-run rows within the slack (checked by brute force over
+    every set of starts); chunks: every cell once, the same static counts on every device."""
+    import itertools
+
+    from jinterp.engine.stairs import bucket_starts, stair_plan
+
+    rs = np.random.RandomState(0)
+    for P in (5, 8, 11):
+        fp = rs.randint(0, P, 40)
+        minimum = (P - fp).sum()
+        rows = lambda starts: sum(P - max(s for s in starts if s <= p) for p in fp)
+        got = bucket_starts(fp, P, slack=0.1)
+        assert got[0] == 0 or got[0] <= fp.min()
+        assert rows(got) <= 1.1 * minimum
+        cands = sorted(set(fp.tolist()))
+        fewest = min(k for k in range(1, len(cands) + 1)
+                     if any(rows((min(fp),) + c) <= 1.1 * minimum for c in itertools.combinations(cands, k - 1)))
+        assert len(got) == fewest
+    fl, fp = rs.randint(0, 6, 50), rs.randint(0, 8, 50)
+    for n_dev, cap in ((1, 100), (2, 16), (4, 7)):
+        chunks = stair_plan(fl, fp, np.arange(50), P=8, n_layers=6, cap=cap, n_devices=n_dev)
+        seen = np.concatenate([c.cells for c in chunks])
+        assert sorted(seen.tolist()) == list(range(50))
+        for c in chunks:
+            per = c.order.reshape(n_dev, -1)
+            assert per.shape[1] == sum(c.counts)
+            for d in range(n_dev):  # each device's cells ordered by start layer, counts as declared
+                assert np.repeat(np.arange(c.first, 6), c.counts).tolist() == fl[per[d]].tolist()
+            assert all(fp[i] >= c.s0 for i in c.cells)
 
 
 MESH_SCRIPT = """

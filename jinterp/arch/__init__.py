@@ -5,19 +5,22 @@ scan) is internal to it.
 """
 
 from jinterp.arch.forward import (
+    PRE_BLOCK_SITES,
     Base,
     base_run,
+    cells_view,
     emitted_sites,
     forward,
     generate,
     position_ids,
     resume,
+    resume_cells,
     resume_record,
     unembed,
 )
 from jinterp.arch.params import WEIGHTS, has_weight, param_shapes, replace_weight, weight
 
 __all__ = [
-    "WEIGHTS", "Base", "base_run", "emitted_sites", "forward", "generate", "has_weight", "param_shapes",
-    "position_ids", "replace_weight", "resume", "resume_record", "unembed", "weight",
+    "PRE_BLOCK_SITES", "WEIGHTS", "Base", "base_run", "cells_view", "emitted_sites", "forward", "generate", "has_weight", "param_shapes",
+    "position_ids", "replace_weight", "resume", "resume_cells", "resume_record", "unembed", "weight",
 ]

@@ -265,3 +265,72 @@ def _view(rows, order, P, vocab, V):
         idx[list(vocab)] = np.arange(len(vocab))
         rows = jnp.take(rows, jnp.asarray(idx), axis=2)
     return rows
+
+
+def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tuple, first: int, s0: int = 0,
+                 positions=None, vocab=None):
+    """Many cells' edited logit rows in one pass that grows its batch layer by layer.
+
+    cells: a pytree with a leading cell axis, cells ordered by the layer their edits start at;
+    make_edits(cell) -> that cell's edits (called under vmap, so edit values built from shared
+    arrays are never copied per cell); counts: static, counts[i] cells start at layer first + i.
+    Block l runs once for the cells already started (reading its weights once for all of them) and
+    once for the cells starting there, which enter with the base run's residual (and resume from
+    its attention mixes when no edit targets an earlier site). So every cell computes exactly
+    layers >= its start at positions >= s0 (static), with matrix products over all started cells.
+    Returns rows [N, B, len(order), len(vocab) or V] with order = (positions before s0) + (positions
+    from s0); `cells_view` turns one cell's rows into the [B, P, V] view `resume` returns.
+    """
+    sites = {e.site for e in jax.eval_shape(lambda c: tuple(make_edits(c)), jax.tree.map(lambda a: a[0], cells))}
+    if sites & set(PRE_BLOCK_SITES):
+        raise ValueError("resume_cells starts cells at a block; embedding edits need resume")
+    L, P = cfg.n_layers, base.tokens.shape[1]
+    if len(counts) != L - first:
+        raise ValueError(f"counts must cover layers {first}..{L - 1}")
+    cols = jnp.arange(s0, P)
+    want = tuple(range(P)) if positions is None else tuple(positions)
+    inside = tuple(p for p in want if p >= s0)
+    before = tuple(p for p in want if p < s0)
+    qsel = None if positions is None else np.asarray([p - s0 for p in inside], np.int32)
+    block_order = emitted_sites(cfg)[0]
+    after = block_order[block_order.index("attn.hook_z"):]
+    resume_z = all(s in after or s.startswith("ln_final") for s in sites)
+    take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    part = lambda a, b: jax.tree.map(lambda v: v[a:b], cells)
+    ctx = lambda c: _resume_ctx(cfg, base, tuple(make_edits(c)))
+
+    def run(c, x, l, z=None):
+        kv = take(base.kv, l) if s0 > 0 and z is None else None
+        q = qsel if l == L - 1 else None
+        return D.block(ctx(c), take(params["blocks"], l), x, l, cols, kv, qsel=q, z=z)[0]
+
+    x, n = None, 0
+    for l in (range(first, L) if inside else ()):
+        k = counts[l - first]
+        outs = []
+        if n:  # cells started below l: the whole block
+            outs.append(jax.vmap(lambda c, x: run(c, x, l))(part(0, n), x))
+        if k:  # cells starting at l: from the base run's residual (or its attention mixes)
+            x0 = base.resid_pre[l][:, s0:]
+            z = base.z[l][:, s0:] if resume_z and l < L - 1 else None
+            outs.append(jax.vmap(lambda c: run(c, x0, l, z))(part(n, n + k)))
+        x = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+        n += k
+
+    def read(c, x):
+        parts = []
+        if before:
+            idx = np.asarray(before, np.int32)
+            parts.append(D.final(ctx(c), params, base.resid_final[:, idx], jnp.asarray(idx), {}, vocab=vocab))
+        if inside:
+            parts.append(D.final(ctx(c), params, x, jnp.asarray(inside, np.int32), {}, vocab=vocab))
+        return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    return jax.vmap(read)(cells, x) if inside else jax.vmap(lambda c: read(c, None))(cells)
+
+
+def cells_view(rows, cfg: Config, P: int, s0: int, positions=None, vocab=None):
+    """One cell's rows from `resume_cells` -> the [B, P, V] view `resume` returns."""
+    want = tuple(range(P)) if positions is None else tuple(positions)
+    order = tuple(p for p in want if p < s0) + tuple(p for p in want if p >= s0)
+    return _view(rows, order, P, vocab, cfg.d_vocab)

@@ -34,7 +34,8 @@ import numpy as np
 
 from jinterp import arch
 from jinterp import metrics as M
-from jinterp.engine.plan import plan
+from jinterp.engine.plan import bytes_per_cell, plan
+from jinterp.engine.stairs import stair_plan
 from jinterp.engine.store import SweepStore, signature
 from jinterp.results import Labelled, label_grid
 
@@ -79,6 +80,93 @@ class Runner:
         """Run every position from `start` with edits, recording {local site: layers} -> acts dict."""
         start = self.start if start is None else start
         return arch.resume_record(self.params, self.cfg, self.base, edits, start, names)
+
+
+class _Probe(Runner):
+    """Traces a cell function once to see what it asks for: a staircase sweep needs exactly one
+    logits/score call from the chunk's start, and no record or generate."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.calls = []
+
+    def logits(self, edits, start=None):
+        self.calls.append("logits" if start is None else "logits from a start")
+        self.edits = tuple(edits)
+        return super().logits(edits, start)
+
+    def generate(self, edits, max_new_tokens):
+        self.calls.append("generate")
+        return super().generate(edits, max_new_tokens)
+
+    def record(self, edits, names, start=None):
+        self.calls.append("record")
+        return super().record(edits, names, start)
+
+
+class _Collect(Runner):
+    """Keeps the cell's edits; its logits are a placeholder (the staircase computes the real ones)."""
+
+    def logits(self, edits, start=None):
+        self.edits = tuple(edits)
+        B, P = self.base.tokens.shape
+        return jnp.zeros((B, P, self.cfg.d_vocab), self.base.resid_final.dtype)
+
+
+class _Replay(Runner):
+    """Hands the cell function the logits the staircase computed for it."""
+
+    def __init__(self, view, *a):
+        super().__init__(*a)
+        self.view = view
+
+    def logits(self, edits, start=None):
+        return self.view
+
+
+def _stairs_ok(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab) -> bool:
+    """Whether the cell function can run as a staircase (see engine/stairs.py)."""
+    one = jax.tree.map(lambda a: a[0], cells)
+    probe = []
+
+    def trace(c):
+        r = _Probe(params, cfg, base, jnp.int32(0), 0, positions, metric, vocab)
+        out = cell_fn(c, data, r)
+        probe.append(r)
+        return out
+
+    jax.eval_shape(trace, one)
+    r = probe[0]
+    return r.calls == ["logits"] and not any(e.site in arch.PRE_BLOCK_SITES for e in r.edits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "counts",
+                                             "first", "mesh"))
+def _run_stairs(params, base, cells, data, *, cfg, cell_fn, metric, s0, positions, vocab, counts, first, mesh=None):
+    """One staircase chunk: collect every cell's edits, run them through arch.resume_cells (cells
+    ordered by start layer, `counts` per layer), and give each cell function its logits back."""
+
+    def body(params, base, cells, data):
+        args = (params, cfg, base, jnp.int32(first), s0, positions, metric, vocab)
+
+        def make_edits(c):
+            r = _Collect(*args)
+            cell_fn(c, data, r)
+            return r.edits
+
+        rows = arch.resume_cells(params, cfg, base, make_edits, cells, counts, first, s0, positions, vocab)
+        P = base.tokens.shape[1]
+        view = lambda r: arch.cells_view(r, cfg, P, s0, positions, vocab)
+        return jax.vmap(lambda c, r: cell_fn(c, data, _Replay(view(r), *args)))(cells, rows)
+
+    if mesh is None:
+        return body(params, base, cells, data)
+    from jax.sharding import PartitionSpec as PS
+
+    rep, split = PS(), PS(mesh.axis_names[0])
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, split, rep), out_specs=split, check_vma=False)(
+        params, base, cells, data
+    )
 
 
 def _chunk(params, base, cells, data, start, *, cfg, cell_fn, metric, s0, positions, vocab):
@@ -132,6 +220,7 @@ def sweep(
     base: arch.Base | None = None,
     metric_positions="auto",
     buckets: bool = True,
+    stairs: bool = True,
     unchanged_prefix: int = 0,
     chunk_size: int | None = None,
     memory_budget: float = 2e9,
@@ -152,6 +241,8 @@ def sweep(
     metric_positions: "auto" (probe which positions and token ids the metric reads, and compute
     logits only there), None (all), or the positions.
     buckets: group cells by their first changed position (False: every cell re-runs all positions).
+    stairs: run each chunk as a staircase (engine/stairs.py: one pass whose batch grows layer by
+    layer) when the cell function asks for logits once; False: one program call per first layer.
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device).
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
     """
@@ -198,9 +289,18 @@ def sweep(
 
     n_dev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
     todo = np.nonzero(~done)[0]
-    chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab,
-                  itemsize=jnp.dtype(model.dtype).itemsize, buckets=buckets, unchanged_prefix=unchanged_prefix,
-                  chunk_size=chunk_size, memory_budget=memory_budget, n_devices=n_dev)
+    itemsize = jnp.dtype(model.dtype).itemsize
+    stairs = stairs and len(todo) > 0 and _stairs_ok(model.params, base, cells, data, cfg=cfg, cell_fn=cell_fn,
+                                                    metric=metric, positions=positions, vocab=vocab)
+    if stairs:
+        n_pos, n_voc = len(positions or range(P)), len(vocab or range(cfg.d_vocab))
+        cap = chunk_size or max(1, int(memory_budget // bytes_per_cell(cfg, B, P, P, n_pos, n_voc, itemsize)))
+        chunks = stair_plan(fl, fc, todo, P=P, n_layers=cfg.n_layers, cap=cap, n_devices=n_dev, buckets=buckets,
+                            unchanged_prefix=unchanged_prefix)
+    else:
+        chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab, itemsize=itemsize,
+                      buckets=buckets, unchanged_prefix=unchanged_prefix, chunk_size=chunk_size,
+                      memory_budget=memory_budget, n_devices=n_dev)
 
     bar = None
     if progress and len(chunks) > 1:
@@ -209,11 +309,15 @@ def sweep(
         bar = tqdm(total=len(todo), desc=desc, unit="cell", leave=False)
 
     def dispatch(ch):
+        static = dict(cfg=cfg, cell_fn=cell_fn, metric=metric, s0=ch.s0, positions=positions, vocab=vocab, mesh=mesh)
+        if stairs:
+            chunk = {k: v[ch.order] for k, v in cells.items()}
+            out = _run_stairs(model.params, base, chunk, data, counts=ch.counts, first=ch.first, **static)
+            return ch.cells, out, np.nonzero(ch.real)[0]
         pad = np.concatenate([ch.cells, np.repeat(ch.cells[:1], ch.size - len(ch.cells))])
         chunk = {k: v[pad] for k, v in cells.items()}
-        out = _run_chunk(model.params, base, chunk, data, jnp.int32(ch.layer), cfg=cfg, cell_fn=cell_fn, metric=metric,
-                         s0=ch.s0, positions=positions, vocab=vocab, mesh=mesh)
-        return ch.cells, out
+        out = _run_chunk(model.params, base, chunk, data, jnp.int32(ch.layer), **static)
+        return ch.cells, out, np.arange(len(ch.cells))
 
     # dispatch the next chunk before reading the last one back, so the device never waits on the host
     last_save = time.time()
@@ -221,9 +325,9 @@ def sweep(
     for ch in chunks + [None]:
         nxt = dispatch(ch) if ch is not None else None
         if pending is not None:
-            idx, out = pending
+            idx, out, sel = pending
             for r, o in zip(jax.tree.leaves(results), jax.tree.leaves(out)):
-                r[idx] = np.asarray(o)[: len(idx)]
+                r[idx] = np.asarray(o)[sel]
             done[idx] = True
             if bar is not None:
                 bar.update(len(idx))
