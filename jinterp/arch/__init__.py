@@ -11,6 +11,7 @@ from jinterp.arch.forward import (
     cells_view,
     emitted_sites,
     forward,
+    from_attention_mixes,
     generate,
     position_ids,
     resume,
@@ -21,6 +22,6 @@ from jinterp.arch.forward import (
 from jinterp.arch.params import WEIGHTS, has_weight, param_shapes, replace_weight, weight
 
 __all__ = [
-    "PRE_BLOCK_SITES", "WEIGHTS", "Base", "base_run", "cells_view", "emitted_sites", "forward", "generate", "has_weight", "param_shapes",
+    "PRE_BLOCK_SITES", "WEIGHTS", "Base", "base_run", "cells_view", "emitted_sites", "forward", "from_attention_mixes", "generate", "has_weight", "param_shapes",
     "position_ids", "replace_weight", "resume", "resume_cells", "resume_record", "unembed", "weight",
 ]

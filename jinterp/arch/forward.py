@@ -206,6 +206,14 @@ def _entry(params, base: Base, ctx, edits, start, s0):
     return lax.dynamic_index_in_dim(base.resid_pre, start, 0, keepdims=False)[:, s0:], start
 
 
+def from_attention_mixes(cfg: Config, sites) -> bool:
+    """Whether a re-run's first block can resume from the base run's attention mixes: no edit site
+    comes before attn.hook_z in the block (or is a pre-block site)."""
+    block_order = emitted_sites(cfg)[0]
+    after = block_order[block_order.index("attn.hook_z"):]
+    return all(s in after or s.startswith("ln_final") for s in sites)
+
+
 def resume(params, cfg: Config, base: Base, edits, start, s0: int = 0, positions=None, vocab=None):
     """Edited logits, re-running layers >= start (traced) at positions >= s0 (static), as a
     [B, P, V] view in which only `positions` and `vocab` (static tuples; None = all) hold real
@@ -222,10 +230,7 @@ def resume(params, cfg: Config, base: Base, edits, start, s0: int = 0, positions
     inside = tuple(p for p in want if p >= s0)
     before = tuple(p for p in want if p < s0)
     qsel = None if positions is None else np.asarray([p - s0 for p in inside], np.int32)
-    # a block can resume with the base run's attention mixes when no edit targets a site before them
-    block_order = emitted_sites(cfg)[0]
-    after = block_order[block_order.index("attn.hook_z"):]
-    resume_z = all(e.site in after or e.site.startswith("ln_final") for e in edits)
+    resume_z = from_attention_mixes(cfg, {e.site for e in edits})
     rz = base.z[:, :, s0:] if resume_z else None
     parts = []
     if before:  # positions before s0 hold the base run's final residual
@@ -292,9 +297,7 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     inside = tuple(p for p in want if p >= s0)
     before = tuple(p for p in want if p < s0)
     qsel = None if positions is None else np.asarray([p - s0 for p in inside], np.int32)
-    block_order = emitted_sites(cfg)[0]
-    after = block_order[block_order.index("attn.hook_z"):]
-    resume_z = all(s in after or s.startswith("ln_final") for s in sites)
+    resume_z = from_attention_mixes(cfg, sites)
     take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
     part = lambda a, b: jax.tree.map(lambda v: v[a:b], cells)
     ctx = lambda c: _resume_ctx(cfg, base, tuple(make_edits(c)))
@@ -307,14 +310,16 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     x, n = None, 0
     for l in (range(first, L) if inside else ()):
         k = counts[l - first]
-        outs = []
-        if n:  # cells started below l: the whole block
-            outs.append(jax.vmap(lambda c, x: run(c, x, l))(part(0, n), x))
-        if k:  # cells starting at l: from the base run's residual (or its attention mixes)
-            x0 = base.resid_pre[l][:, s0:]
-            z = base.z[l][:, s0:] if resume_z and l < L - 1 else None
-            outs.append(jax.vmap(lambda c: run(c, x0, l, z))(part(n, n + k)))
-        x = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+        x0 = base.resid_pre[l][:, s0:]
+        if k and resume_z and l < L - 1:  # cells starting at l resume from the base run's attention mixes
+            z = base.z[l][:, s0:]
+            new = jax.vmap(lambda c: run(c, x0, l, z))(part(n, n + k))
+            x = new if not n else jnp.concatenate([jax.vmap(lambda c, x: run(c, x, l))(part(0, n), x), new])
+        else:  # one block for every started cell; those starting at l enter with the base residual
+            if k:
+                x_new = jnp.broadcast_to(x0, (k,) + x0.shape)
+                x = x_new if not n else jnp.concatenate([x, x_new])
+            x = jax.vmap(lambda c, x: run(c, x, l))(part(0, n + k), x) if n + k else x
         n += k
 
     def read(c, x):

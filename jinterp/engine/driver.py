@@ -35,7 +35,7 @@ import numpy as np
 from jinterp import arch
 from jinterp import metrics as M
 from jinterp.engine.plan import bytes_per_cell, plan
-from jinterp.engine.stairs import stair_plan
+from jinterp.engine.stairs import small_groups, stair_plan
 from jinterp.engine.store import SweepStore, signature
 from jinterp.results import Labelled, label_grid
 
@@ -124,8 +124,8 @@ class _Replay(Runner):
         return self.view
 
 
-def _stairs_ok(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab) -> bool:
-    """Whether the cell function can run as a staircase (see engine/stairs.py)."""
+def _probe(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab):
+    """(whether the cell function can run as a staircase (engine/stairs.py), its edits' sites)."""
     one = jax.tree.map(lambda a: a[0], cells)
     probe = []
 
@@ -137,7 +137,8 @@ def _stairs_ok(params, base, cells, data, *, cfg, cell_fn, metric, positions, vo
 
     jax.eval_shape(trace, one)
     r = probe[0]
-    return r.calls == ["logits"] and not any(e.site in arch.PRE_BLOCK_SITES for e in r.edits)
+    sites = {e.site for e in getattr(r, "edits", ())}
+    return r.calls == ["logits"] and not sites & set(arch.PRE_BLOCK_SITES), sites
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "counts",
@@ -220,7 +221,7 @@ def sweep(
     base: arch.Base | None = None,
     metric_positions="auto",
     buckets: bool = True,
-    stairs: bool = True,
+    stairs: bool | str = "auto",
     unchanged_prefix: int = 0,
     chunk_size: int | None = None,
     memory_budget: float = 2e9,
@@ -228,6 +229,7 @@ def sweep(
     progress: bool | str = True,
     checkpoint_dir=None,
     desc: str = "sweep",
+    stats: dict | None = None,
 ):
     """Run cell_fn over every cell. Returns the stacked outputs (numpy, leading axis N).
 
@@ -242,9 +244,11 @@ def sweep(
     logits only there), None (all), or the positions.
     buckets: group cells by their first changed position (False: every cell re-runs all positions).
     stairs: run each chunk as a staircase (engine/stairs.py: one pass whose batch grows layer by
-    layer) when the cell function asks for logits once; False: one program call per first layer.
+    layer; needs a cell function that asks for logits once); False: one program call per first
+    layer; "auto": a staircase when those calls' matrix products would be small (stairs.small_groups).
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device).
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
+    stats: a dict to fill with the plan (chunks, rows, cells' bounds) for engine/flops.py.
     """
     cfg = model.config
     if base is None:
@@ -290,8 +294,11 @@ def sweep(
     n_dev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
     todo = np.nonzero(~done)[0]
     itemsize = jnp.dtype(model.dtype).itemsize
-    stairs = stairs and len(todo) > 0 and _stairs_ok(model.params, base, cells, data, cfg=cfg, cell_fn=cell_fn,
-                                                    metric=metric, positions=positions, vocab=vocab)
+    fits, sites = _probe(model.params, base, cells, data, cfg=cfg, cell_fn=cell_fn, metric=metric,
+                         positions=positions, vocab=vocab)
+    if stairs == "auto":
+        stairs = small_groups(fl, fc, todo, P=P, batch=B, buckets=buckets, unchanged_prefix=unchanged_prefix)
+    stairs = bool(stairs) and fits and len(todo) > 0
     if stairs:
         n_pos, n_voc = len(positions or range(P)), len(vocab or range(cfg.d_vocab))
         cap = chunk_size or max(1, int(memory_budget // bytes_per_cell(cfg, B, P, P, n_pos, n_voc, itemsize)))
@@ -301,6 +308,14 @@ def sweep(
         chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab, itemsize=itemsize,
                       buckets=buckets, unchanged_prefix=unchanged_prefix, chunk_size=chunk_size,
                       memory_budget=memory_budget, n_devices=n_dev)
+
+    if stats is not None:  # what engine/flops.py needs to count the work
+        stats.update(from_z=bool(sites) and arch.from_attention_mixes(cfg, sites), batch=B, P=P, positions=positions,
+                     n_vocab=len(vocab or range(cfg.d_vocab)), stairs=stairs,
+                     first_layer=fl[todo], first_pos=np.maximum(fc, unchanged_prefix)[todo], chunks=[
+                         dict(s0=ch.s0,
+                              starts=[(ch.first + i, k * n_dev) for i, k in enumerate(ch.counts)] if stairs
+                              else [(ch.layer, ch.size)]) for ch in chunks])
 
     bar = None
     if progress and len(chunks) > 1:
@@ -312,7 +327,11 @@ def sweep(
         static = dict(cfg=cfg, cell_fn=cell_fn, metric=metric, s0=ch.s0, positions=positions, vocab=vocab, mesh=mesh)
         if stairs:
             chunk = {k: v[ch.order] for k, v in cells.items()}
-            out = _run_stairs(model.params, base, chunk, data, counts=ch.counts, first=ch.first, **static)
+            args = (model.params, base, chunk, data)
+            out = _run_stairs(*args, counts=ch.counts, first=ch.first, **static)
+            if stats is not None:  # XLA's own count (a staircase has no loops, so its count is exact)
+                cost = _run_stairs.lower(*args, counts=ch.counts, first=ch.first, **static).compile().cost_analysis()
+                stats.setdefault("xla_flops", []).append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
             return ch.cells, out, np.nonzero(ch.real)[0]
         pad = np.concatenate([ch.cells, np.repeat(ch.cells[:1], ch.size - len(ch.cells))])
         chunk = {k: v[pad] for k, v in cells.items()}

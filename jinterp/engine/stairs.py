@@ -104,3 +104,20 @@ def _chunk(idx, fl, s0, n_layers, n_dev):
             order.extend(mine.tolist() + ([int(c[0])] * pad if pad else []))
             real.extend([True] * len(mine) + [False] * pad)
     return StairChunk(s0, first, counts, np.asarray(order, np.int64), np.asarray(real, bool))
+
+
+def small_groups(first_layer, first_pos, todo, *, P: int, batch: int, buckets: bool = True, unchanged_prefix: int = 0,
+                 min_rows: int = 256) -> bool:
+    """Whether grouping the cells by (bucket, first layer), one program call per group, would leave
+    matrix products of fewer than `min_rows` rows on average (weighted by cells): then a staircase
+    pays for its larger program (it compiles one block per layer instead of a scanned block)."""
+    todo = np.asarray(todo)
+    if len(todo) == 0:
+        return False
+    fc = np.maximum(np.asarray(first_pos), int(unchanged_prefix))[todo]
+    starts = bucket_starts(fc, P) if buckets else [0]
+    s0 = np.array([max([s for s in starts if s <= c] or [0]) for c in fc])
+    key = s0 * 1_000_003 + np.asarray(first_layer)[todo]
+    _, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    rows = cnt[inv] * batch * (P - s0)
+    return float(rows.mean()) < min_rows

@@ -1,0 +1,83 @@
+"""Work accounting for sweeps: the matrix-product FLOPs a sweep performed, and the fewest an exact
+sweep needs, so benchmarks can show the gap to the limit.
+
+Counted: the products of attention (Q, K, V, O projections, scores and mixes) and the MLP, and the
+unembedding; norms, softmax and other elementwise work are left out of both figures.
+
+The minimum for a cell whose edits start at layer l and position p: layers >= l at positions >= p
+(keys and values before p come from the base run), attention over causal keys only, the last block's
+queries and MLP only at the positions the metric reads, and logits only at those positions and
+token ids. Plus one base forward, which every exact sweep needs (the cached run cells start from).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _block(cfg, q_rows, kv_rows, pairs, from_z=False):
+    """One block's FLOPs: q_rows query rows (Q, O, MLP), kv_rows key/value rows, `pairs` (query, key)
+    pairs of scores and mixes; from_z: the block resumes from attention mixes (O and MLP only)."""
+    D, H, K, dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+    mlp = (3 if cfg.mlp == "gated" else 2) * 2 * D * F
+    qo = 2 * D * H * dh
+    if from_z:
+        return q_rows * (qo + mlp)
+    return q_rows * (2 * qo + mlp) + kv_rows * 4 * D * K * dh + pairs * 4 * H * dh
+
+
+def forward_flops(cfg, batch: int, P: int) -> int:
+    """One full forward of batch x P tokens with logits everywhere (causal attention)."""
+    per_layer = _block(cfg, P, P, P * (P + 1) // 2)
+    return int(batch * (cfg.n_layers * per_layer + 2 * cfg.d_model * cfg.d_vocab * P))
+
+
+def minimum_flops(cfg, batch: int, P: int, first_layer, first_pos, positions=None, n_vocab=None,
+                  from_z: bool = False) -> int:
+    """The fewest FLOPs an exact sweep of these cells needs (module docstring), base run included.
+    from_z: the edits sit at or after attn.hook_z, so a cell's first block needs only its output
+    projection and MLP (attention there is unchanged)."""
+    read = np.arange(P) if positions is None else np.asarray(positions)
+    V = cfg.d_vocab if n_vocab is None else n_vocab
+    L = cfg.n_layers
+    total = forward_flops(cfg, batch, P)
+    for l, p in zip(np.asarray(first_layer), np.asarray(first_pos)):
+        l, p = int(l), int(min(p, P))
+        rows = P - p
+        if rows == 0:
+            continue
+        causal = sum(q + 1 for q in range(p, P))
+        n_read = int((read >= p).sum())
+        last_q = n_read if positions is not None else rows
+        last_pairs = sum(q + 1 for q in read if q >= p) if positions is not None else causal
+        per = (L - 1 - l) * _block(cfg, rows, rows, causal) + _block(cfg, last_q, rows, last_pairs)
+        if from_z and l < L - 1:
+            per += _block(cfg, rows, rows, causal, True) - _block(cfg, rows, rows, causal)
+        total += batch * (per + 2 * cfg.d_model * V * n_read)
+    return int(total)
+
+
+def minimum_for(cfg, stats: dict) -> int:
+    """minimum_flops for the sweep `sweep(..., stats={})` recorded."""
+    return minimum_flops(cfg, stats["batch"], stats["P"], stats["first_layer"], stats["first_pos"],
+                         stats["positions"], stats["n_vocab"], from_z=stats["from_z"])
+
+
+def performed_flops(cfg, stats: dict) -> int:
+    """FLOPs a sweep performed, from the record `sweep(..., stats={})` fills: its chunks as planned
+    (padding included), the rows each re-ran, the keys attention read, and the logits it computed."""
+    B, P, L = stats["batch"], stats["P"], cfg.n_layers
+    positions, V = stats["positions"], stats["n_vocab"]
+    read = np.arange(P) if positions is None else np.asarray(positions)
+    total = forward_flops(cfg, B, P)  # the base run
+    for ch in stats["chunks"]:
+        rows = P - ch["s0"]
+        n_in = int((read >= ch["s0"]).sum())
+        last_q = n_in if positions is not None else rows
+        for start, n in ch["starts"]:  # n cells whose layers run from `start`
+            for l in range(start, L):
+                q = last_q if l == L - 1 else rows
+                from_z = l == start and stats["from_z"] and l < L - 1  # resumed from the base run's mixes
+                total += n * B * _block(cfg, q, rows, q * P, from_z)
+            total += n * B * 2 * cfg.d_model * V * len(read)
+    return int(total)
