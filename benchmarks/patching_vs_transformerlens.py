@@ -47,7 +47,7 @@ SHAPES = {  # family, n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab
     "small": ("gpt2", 4, 256, 8, 8, 1024, 50257),
     "gpt2-small": ("gpt2", 12, 768, 12, 12, 3072, 50257),
     "gpt2-medium": ("gpt2", 24, 1024, 16, 16, 4096, 50257),
-    "llama-1b": ("llama", 16, 2048, 32, 8, 5632, 32000),  # 1.04B parameters
+    "llama-1b": ("llama", 16, 2048, 32, 8, 8192, 32000),  # 1.04B parameters (tied embeddings), 4.2 GB in fp32
 }
 
 
@@ -64,7 +64,7 @@ def build_hf(d, shape, seed):
     else:
         cfg = LlamaConfig(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
                           num_key_value_heads=n_kv, intermediate_size=d_mlp, vocab_size=vocab,
-                          max_position_embeddings=128)
+                          max_position_embeddings=128, tie_word_embeddings=True)
         LlamaForCausalLM(cfg).eval().save_pretrained(d)
     # a tiny byte-level BPE so that TransformerBridge finds a tokenizer offline
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -133,6 +133,8 @@ def main():
     ap.add_argument("--skip-tl", action="store_true", help="time jinterp only")
     ap.add_argument("--shared-prefix", type=int, default=None, help="IOI-like pairs: corrupted differs from clean at two positions >= K")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--sweeps", default="resid_pre,attn_head_out_all_pos", help="comma-separated sweeps to run")
+    ap.add_argument("--model-dir", help="reuse (or create) the random checkpoint here instead of a temp dir")
     a = ap.parse_args()
     shape = "small" if a.small else a.shape
     fam, n_layers, d_model, n_heads, n_kv, d_mlp, vocab = SHAPES[shape]
@@ -145,8 +147,9 @@ def main():
     from jinterp import metrics, patching
     from jinterp.engine import flops
 
-    d = tempfile.mkdtemp()
-    build_hf(d, shape, seed=0)
+    d = a.model_dir or tempfile.mkdtemp()
+    if not os.path.exists(os.path.join(d, "config.json")):
+        build_hf(d, shape, seed=0)
     dtype = jnp.bfloat16 if a.dtype == "bfloat16" else jnp.float32
     stairs = {"auto": "auto", "on": True, "off": False}[a.stairs]
     model = jinterp.load(d, dtype=dtype)
@@ -164,6 +167,7 @@ def main():
 
     sweeps = [("resid_pre", patching.resid_pre, "get_act_patch_resid_pre"),
               ("attn_head_out_all_pos", patching.attn_head_out_all_pos, "get_act_patch_attn_head_out_all_pos")]
+    sweeps = [s for s in sweeps if s[0] in a.sweeps.split(",")]
     rows = []
     tl = tl_cache = None
     if not a.skip_tl:

@@ -122,24 +122,22 @@ def test_driver_options_agree(setup):
 
 
 def test_staircase_plan():
-    """Bucket starts: the fewest that keep re-run rows within the slack (checked by brute force over
-    every set of starts); chunks: every cell once, the same static counts on every device."""
+    """Bucket starts: the cheapest cover (rows re-run + a fixed cost per bucket), checked by brute
+    force over every set of starts; chunks: every cell once, the same static counts on every device."""
     import itertools
 
     from jinterp.engine.stairs import bucket_starts, stair_plan
 
     rs = np.random.RandomState(0)
-    for P in (5, 8, 11):
+    for P, batch, per in ((5, 1, 3), (8, 2, 10), (11, 4, 0), (9, 1, 1000)):
         fp = rs.randint(0, P, 40)
-        minimum = (P - fp).sum()
-        rows = lambda starts: sum(P - max(s for s in starts if s <= p) for p in fp)
-        got = bucket_starts(fp, P, slack=0.1)
-        assert got[0] == 0 or got[0] <= fp.min()
-        assert rows(got) <= 1.1 * minimum
-        cands = sorted(set(fp.tolist()))
-        fewest = min(k for k in range(1, len(cands) + 1)
-                     if any(rows((min(fp),) + c) <= 1.1 * minimum for c in itertools.combinations(cands, k - 1)))
-        assert len(got) == fewest
+        cost = lambda starts: sum(batch * (P - max(s for s in starts if s <= p)) for p in fp) + per * len(starts)
+        got = bucket_starts(fp, P, batch, bucket_rows=per)
+        assert got[0] == fp.min()
+        cands = sorted(set(fp.tolist()) - {fp.min()})
+        best = min(cost((fp.min(),) + c) for k in range(len(cands) + 1) for c in itertools.combinations(cands, k))
+        assert cost(got) == best
+    assert bucket_starts(np.arange(8), 8, 1, bucket_rows=0) == list(range(8))  # free buckets: exact starts
     fl, fp = rs.randint(0, 6, 50), rs.randint(0, 8, 50)
     for n_dev, cap in ((1, 100), (2, 16), (4, 7)):
         chunks = stair_plan(fl, fp, np.arange(50), P=8, n_layers=6, cap=cap, n_devices=n_dev)

@@ -302,8 +302,8 @@ def sweep(
     if stairs:
         n_pos, n_voc = len(positions or range(P)), len(vocab or range(cfg.d_vocab))
         cap = chunk_size or max(1, int(memory_budget // bytes_per_cell(cfg, B, P, P, n_pos, n_voc, itemsize)))
-        chunks = stair_plan(fl, fc, todo, P=P, n_layers=cfg.n_layers, cap=cap, n_devices=n_dev, buckets=buckets,
-                            unchanged_prefix=unchanged_prefix)
+        chunks = stair_plan(fl, fc, todo, P=P, n_layers=cfg.n_layers, cap=cap, n_devices=n_dev, batch=B,
+                            buckets=buckets, unchanged_prefix=unchanged_prefix)
     else:
         chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab, itemsize=itemsize,
                       buckets=buckets, unchanged_prefix=unchanged_prefix, chunk_size=chunk_size,

@@ -2,8 +2,9 @@
 chunk whose batch grows layer by layer (arch.resume_cells).
 
 Positions: a cell whose edits start at position p re-runs positions >= its bucket's start. The
-bucket starts are chosen per sweep from the cells' first positions: the fewest buckets (each is
-one compiled program) whose re-run rows stay within `slack` of the exact minimum.
+bucket starts are chosen per sweep from the cells' first positions, trading rows re-run in vain
+against the fixed cost of another bucket (one more compiled program, weights read once more,
+small products while its batch grows): `bucket_starts`.
 
 Layers: within a bucket, cells are sorted by first changed layer; a chunk runs block l once for
 every cell already started, so each cell computes exactly the layers >= its own start while the
@@ -34,53 +35,42 @@ class StairChunk:
         return self.order[self.real]
 
 
-def bucket_starts(first_pos, P: int, slack: float = 0.1, max_buckets: int = 8) -> list[int]:
-    """Fewest bucket starts (at most max_buckets) such that the rows re-run, sum over cells of
-    P - start, are within (1 + slack) of the minimum sum of P - first_pos; the best found otherwise.
-    Exact dynamic programme over the distinct first positions."""
+# A bucket (one compiled program) costs about this many re-run rows on top of its own: each program
+# reads every layer's weights once (on CPU as long as ~64 rows of products take), its first layers
+# run products too small to reach the machine's rate (~32 rows lost, twice over as a staircase's
+# batch grows from nothing), and it compiles once (seconds). 192 was fastest warm on the llama-1b
+# and GPT-2-small benchmark shapes but compiled 8 programs for GPT-2; 512 halves that (BUILD_NOTES).
+BUCKET_ROWS = 512
+
+
+def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int = BUCKET_ROWS, max_buckets: int = 16) -> list[int]:
+    """Bucket starts minimising the rows re-run (sum over cells of batch x (P - start)) plus
+    `bucket_rows` per bucket: exact dynamic programme over the distinct first positions."""
     fp = np.asarray(first_pos, np.int64)
     if fp.size == 0:
         return [0]
-    minimum = float((P - fp).sum())
     q = -(-P // 128)  # long prompts: candidate starts on a grid of P / 128 (starting earlier stays exact)
-    fp = fp // q * q
-    vals, cnt = np.unique(fp, return_counts=True)
+    vals, cnt = np.unique(fp // q * q, return_counts=True)
     n = len(vals)
-    # cost[i, j]: rows when distinct positions i..j-1 share the start vals[i]
     csum = np.concatenate([[0], np.cumsum(cnt)])
-    cost = lambda i, j: (csum[j] - csum[i]) * (P - vals[i])
-    best_prev = None
-    inf = float("inf")
-    dp = np.full(n + 1, inf)
-    dp[0] = 0.0
-    arg = np.zeros((max_buckets + 1, n + 1), np.int64)
-    for k in range(1, min(max_buckets, n) + 1):
-        new = np.full(n + 1, inf)
-        for j in range(1, n + 1):
-            for i in range(k - 1, j):
-                c = dp[i] + cost(i, j)
-                if c < new[j]:
-                    new[j], arg[k, j] = c, i
-        dp = new
-        best_prev = k
-        if dp[n] <= (1 + slack) * max(minimum, 1.0):
-            break
-    starts, j = [], n
-    for k in range(best_prev, 0, -1):
-        i = arg[k, j]
-        starts.append(int(vals[i]))
-        j = i
-    return sorted(starts)
+    cost = lambda i, j: (csum[j] - csum[i]) * batch * (P - vals[i]) + bucket_rows
+    best, arg = [0.0] + [np.inf] * n, [[]] + [None] * n
+    # best[j]: cheapest cover of the first j distinct positions; arg[j]: its starts (at most max_buckets)
+    for j in range(1, n + 1):
+        for i in range(j):
+            if arg[i] is not None and len(arg[i]) < max_buckets and best[i] + cost(i, j) < best[j]:
+                best[j], arg[j] = best[i] + cost(i, j), arg[i] + [int(vals[i])]
+    return arg[n]
 
 
 def stair_plan(first_layer, first_pos, todo, *, P: int, n_layers: int, cap: int, n_devices: int = 1,
-               buckets: bool = True, unchanged_prefix: int = 0, slack: float = 0.1) -> list[StairChunk]:
+               batch: int = 1, buckets: bool = True, unchanged_prefix: int = 0) -> list[StairChunk]:
     """Chunks covering cells `todo` (at most `cap` real cells each), given each cell's first changed
     layer and position."""
     todo = np.asarray(todo)
     fc = np.maximum(np.asarray(first_pos), int(unchanged_prefix))
     fl = np.asarray(first_layer)
-    starts = bucket_starts(fc[todo], P, slack) if buckets and len(todo) else [0]
+    starts = bucket_starts(fc[todo], P, batch) if buckets and len(todo) else [0]
     s0 = np.array([max([s for s in starts if s <= c] or [0]) for c in fc], np.int64)
     out = []
     for s in sorted(set(s0[todo].tolist())):
@@ -115,7 +105,7 @@ def small_groups(first_layer, first_pos, todo, *, P: int, batch: int, buckets: b
     if len(todo) == 0:
         return False
     fc = np.maximum(np.asarray(first_pos), int(unchanged_prefix))[todo]
-    starts = bucket_starts(fc, P) if buckets else [0]
+    starts = bucket_starts(fc, P, batch) if buckets else [0]
     s0 = np.array([max([s for s in starts if s <= c] or [0]) for c in fc])
     key = s0 * 1_000_003 + np.asarray(first_layer)[todo]
     _, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
