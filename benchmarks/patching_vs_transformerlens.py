@@ -107,6 +107,33 @@ def matmul_rates(rows, d_in, d_out, dtype, repeats=5):
     return flops / xla / 1e9, flops / tt / 1e9
 
 
+def nnsight_resid_pre(d, fam, clean, corrupted, answers, n_layers, dtype_name="float32"):
+    """resid_pre patching written the nnsight way: one trace of the clean prompt saving every block's
+    input, then one trace per (layer, position) that overwrites it and reads the logit difference."""
+    import torch
+    from nnsight import LanguageModel
+
+    lm = LanguageModel(d, device_map="cpu", dispatch=True,
+                       dtype=torch.bfloat16 if dtype_name == "bfloat16" else torch.float32)
+    blocks = lambda: lm.transformer.h if fam == "gpt2" else lm.model.layers
+    clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
+    a0, a1 = torch.as_tensor(answers[:, 0]), torch.as_tensor(answers[:, 1])
+    rows = torch.arange(len(a0))
+    acts = []
+    with torch.no_grad():
+        with lm.trace(clean):
+            for l in range(n_layers):
+                acts.append(blocks()[l].input.save())
+        out = np.zeros((n_layers, clean.shape[1]), np.float32)
+        for l in range(n_layers):
+            for p in range(clean.shape[1]):
+                with lm.trace(corrupted):
+                    blocks()[l].input[:, p] = acts[l][:, p]
+                    logits = lm.lm_head.output.save()
+                out[l, p] = float((logits[rows, -1, a0] - logits[rows, -1, a1]).float().mean())
+    return out
+
+
 def peak_rss_gb() -> float:
     import resource
 
@@ -133,6 +160,7 @@ def main():
     ap.add_argument("--skip-tl", action="store_true", help="time jinterp only")
     ap.add_argument("--shared-prefix", type=int, default=None, help="IOI-like pairs: corrupted differs from clean at two positions >= K")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--nnsight", action="store_true", help="also time resid_pre written with nnsight (one trace per cell)")
     ap.add_argument("--sweeps", default="resid_pre,attn_head_out_all_pos", help="comma-separated sweeps to run")
     ap.add_argument("--model-dir", help="reuse (or create) the random checkpoint here instead of a temp dir")
     a = ap.parse_args()
@@ -216,6 +244,10 @@ def main():
                        speedup_warm_rounds=[round(r, 1) for r in ratios], speedup_first=round(float(np.median(tls)) / first, 1),
                        max_abs_diff=float(np.abs(np.asarray(ours.values, np.float32) - theirs.float().numpy()).max()),
                        peak_rss_gb_after_tl=round(peak_rss_gb(), 2))
+        if a.nnsight and name == "resid_pre":
+            theirs, t_nn = timed(lambda: nnsight_resid_pre(d, fam, clean, corrupted, answers, n_layers, dtype_name=a.dtype))
+            row.update(nnsight_s=round(t_nn, 3), speedup_vs_nnsight=round(t_nn / row["jinterp_warm_s"], 1),
+                       nnsight_max_abs_diff=float(np.abs(np.asarray(ours.values, np.float32) - theirs).max()))
         rows.append(row)
         print(json.dumps(row), flush=True)
     # the sweep's typical matmul: the MLP input projection over the rows of all started cells
