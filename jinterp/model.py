@@ -210,6 +210,23 @@ class Model:
         )
         return logits, ActivationCache(self.config, acts, record, self, tokens=np.asarray(tokens), attention_mask=mask, edited=bool(edits))
 
+    def warmup(self, batch: int, seq: int, *, names=None, attention_mask: bool = False, logits_at=None) -> "Model":
+        """Compile ahead of time what model(tokens) (and model.run_with_cache(tokens, names), when
+        names is given: a list of sites, a predicate, or True for every site) runs on tokens of shape
+        [batch, seq], without running it, so the first real call with that shape does not compile.
+        With the persistent compilation cache on (jinterp.compile_cache), a later process loads the
+        compiled programs from disk instead. attention_mask: warm the padded variant (a mask passed);
+        logits_at: as in __call__. Tokens are int32 and the parameters keep their dtype. Returns self."""
+        ids = np.zeros((int(batch), int(seq)), np.int64)  # numpy's default ints: also warms their cast to int32
+        tokens, mask = self.prepare_inputs(ids, np.ones(ids.shape, bool) if attention_mask else None)
+        la = None if logits_at is None else tuple(int(i) % tokens.shape[1] for i in np.atleast_1d(logits_at))
+        _forward.lower(self.params, tokens, mask, (), cfg=self.config, logits_at=la).compile()
+        if names is not None:
+            record = S.select(self.config, None if names is True else names)
+            _forward.lower(self.params, tokens, mask, (), cfg=self.config,
+                           record=tuple(sorted(record.items()))).compile()
+        return self
+
     def generate(
         self,
         tokens,

@@ -7,6 +7,9 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# No persistent compilation cache: the suite writes nothing to the user's cache, and its timings do not
+# depend on earlier runs (tests/test_scale_runtime.py turns it on in its own subprocesses).
+os.environ["JINTERP_COMPILE_CACHE"] = "0"
 
 import jax  # noqa: E402
 

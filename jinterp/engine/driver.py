@@ -34,6 +34,7 @@ import numpy as np
 
 from jinterp import arch
 from jinterp import metrics as M
+from jinterp.distributed import to_host
 from jinterp.engine.plan import bytes_per_cell, plan
 from jinterp.engine.stairs import small_groups, stair_plan
 from jinterp.engine.store import SweepStore, signature
@@ -246,11 +247,17 @@ def sweep(
     stairs: run each chunk as a staircase (engine/stairs.py: one pass whose batch grows layer by
     layer; needs a cell function that asks for logits once); False: one program call per first
     layer; "auto": a staircase when those calls' matrix products would be small (stairs.small_groups).
-    mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device).
+    mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device), for
+    a model held whole on every device. A model loaded with jinterp.load(..., mesh=) needs none: its
+    sweeps run on its own mesh.
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
     stats: a dict to fill with the plan (chunks, rows, cells' bounds) for engine/flops.py.
     """
     cfg = model.config
+    if mesh is not None and model.mesh is not None:
+        raise ValueError("this model's parameters are sharded on a mesh (jinterp.load(..., mesh=)); its sweeps run "
+                         "on that mesh, partitioned by XLA. Drop mesh= (it splits cells over a mesh for a model "
+                         "held whole on every device).")
     if base is None:
         base = base_run(model, tokens, attention_mask)
     P = int(base.tokens.shape[1])
@@ -346,7 +353,7 @@ def sweep(
         if pending is not None:
             idx, out, sel = pending
             for r, o in zip(jax.tree.leaves(results), jax.tree.leaves(out)):
-                r[idx] = np.asarray(o)[sel]
+                r[idx] = to_host(o)[sel]  # a jax array, even one sharded over several processes
             done[idx] = True
             if bar is not None:
                 bar.update(len(idx))

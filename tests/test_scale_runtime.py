@@ -1,0 +1,177 @@
+"""Runtime at scale: the persistent compilation cache across processes, and one sweep run by two
+processes (4 CPU devices each) joined with jinterp.distributed. Each process is a subprocess: JAX's
+device count and the distributed runtime are fixed when a process first uses JAX."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jinterp import compile_cache, distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a tiny random GPT-2-style model and a resid_pre sweep on it; the same in every process
+SETUP = """
+import jax, numpy as np
+import jinterp
+from jinterp import arch, metrics, patching
+
+def setup():
+    cfg = jinterp.Config(family="gpt2", n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, d_head=16, d_mlp=64,
+                         d_vocab=50, n_ctx=16)
+    rs = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: rs.normal(0, 0.3, s.shape).astype(s.dtype), arch.param_shapes(cfg))
+    model = jinterp.Model(cfg, params)
+    clean = rs.randint(0, 50, (2, 8))
+    corrupted = clean.copy()
+    corrupted[:, 2] = rs.randint(0, 50, 2)
+    metric = metrics.logit_diff(rs.randint(0, 50, (2, 2)))
+    return model, clean, corrupted, metric
+
+def resid_pre(mesh=None):
+    model, clean, corrupted, metric = setup()
+    _, cache = model.run_with_cache(clean)
+    return patching.resid_pre(model, corrupted, cache, metric, progress=False, mesh=mesh).values
+"""
+
+CACHE_SCRIPT = SETUP + """
+import json, sys
+events = []
+jax.monitoring.register_event_listener(lambda e, **kw: events.append(e))
+assert str(jinterp.compile_cache.path()) == sys.argv[1], jinterp.compile_cache.path()
+values = resid_pre()
+print(json.dumps(dict(values=values.tolist(), hits=events.count("/jax/compilation_cache/cache_hits"),
+                      misses=events.count("/jax/compilation_cache/cache_misses"))))
+"""
+
+HOSTS_SCRIPT = """
+import sys
+from jinterp import distributed
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize(f"127.0.0.1:{port}", 2, pid, local_devices=4, timeout=60)
+""" + SETUP + """
+from jax.sharding import NamedSharding, PartitionSpec
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+mesh = jax.make_mesh((8,), ("sweep",), axis_types=(jax.sharding.AxisType.Auto,))
+values = resid_pre(mesh)
+# to_host gathers an array whose shards live in both processes
+rows = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("sweep")), np.arange(4) + 4 * pid)
+np.testing.assert_array_equal(distributed.to_host(rows), np.arange(8))
+if distributed.is_main():
+    np.save(out, values)
+print("host", pid, "ok")
+"""
+
+UNREACHABLE_SCRIPT = """
+import sys, time
+from jinterp import distributed
+t = time.monotonic()
+try:
+    distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, 1, local_devices=1, timeout=3)
+except distributed.DistributedError as e:
+    print(f"{time.monotonic() - t:.1f}", e)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**kw):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device unless a script asks
+    env.update(kw)
+    return env
+
+
+def _python(script, *args, env, timeout=120):
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
+
+
+def _reference():
+    ns = {}
+    exec(SETUP, ns)
+    return ns["resid_pre"]()
+
+
+def test_compile_cache_across_processes(tmp_path):
+    """A second process running the same sweep loads every program from the cache: same numbers,
+    only cache hits, no new entries."""
+    cache = tmp_path / "xla"
+    env = _env(JINTERP_COMPILE_CACHE=str(cache))
+    entries = lambda: sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))
+    first = json.loads(_python(CACHE_SCRIPT, cache, env=env).splitlines()[-1])
+    written = entries()
+    assert first["misses"] > 0 and first["hits"] == 0 and len(written) == first["misses"]
+    second = json.loads(_python(CACHE_SCRIPT, cache, env=env).splitlines()[-1])
+    assert second["hits"] == first["misses"] and second["misses"] == 0
+    assert entries() == written
+    np.testing.assert_array_equal(second["values"], first["values"])
+
+
+def test_compile_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.default_path() is None
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "c"))
+    assert compile_cache.default_path() == tmp_path / "c"
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache.default_path() == tmp_path / "jinterp" / "xla"
+    # a cache directory the user configured in jax is left alone
+    old = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    try:
+        assert compile_cache.enable_default() is None
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_two_processes_run_one_sweep(tmp_path):
+    """Two processes of 4 CPU devices each split one sweep over a mesh of all 8; process 0 alone
+    writes the result, which equals the single-process one."""
+    port, out = _free_port(), tmp_path / "resid_pre.npy"
+    env = _env(JINTERP_COMPILE_CACHE="0")
+    procs = [subprocess.Popen([sys.executable, "-c", HOSTS_SCRIPT, str(port), str(i), str(out)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=150))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (stdout, stderr)) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0 and f"host {i} ok" in stdout, stderr[-4000:]
+    np.testing.assert_allclose(np.load(out), _reference(), atol=1e-5)
+
+
+def test_unreachable_coordinator_fails_within_the_timeout():
+    port = _free_port()  # nothing listens there
+    t = time.monotonic()
+    out = _python(UNREACHABLE_SCRIPT, port, env=_env(JINTERP_COMPILE_CACHE="0"), timeout=60)
+    assert time.monotonic() - t < 30
+    waited, message = out.strip().splitlines()[-1].split(" ", 1)
+    assert 3 <= float(waited) < 8
+    assert f"127.0.0.1:{port}" in message and "3 s" in message
+
+
+def test_initialize_after_jax_started_says_so():
+    jax.devices()
+    with pytest.raises(distributed.DistributedError, match="already initialised"):
+        distributed.initialize("127.0.0.1:1", 2, 1)
+    assert distributed.is_main()
+    np.testing.assert_array_equal(distributed.to_host(jax.numpy.arange(3)), np.arange(3))
