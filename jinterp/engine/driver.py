@@ -126,7 +126,8 @@ class _Replay(Runner):
 
 
 def _probe(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab):
-    """(whether the cell function can run as a staircase (engine/stairs.py), its edits' sites)."""
+    """(whether the cell function can run as a staircase (engine/stairs.py), its edits' sites, the
+    shapes of one cell's output)."""
     one = jax.tree.map(lambda a: a[0], cells)
     probe = []
 
@@ -136,10 +137,10 @@ def _probe(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab)
         probe.append(r)
         return out
 
-    jax.eval_shape(trace, one)
+    out = jax.eval_shape(trace, one)
     r = probe[0]
     sites = {e.site for e in getattr(r, "edits", ())}
-    return r.calls == ["logits"] and not sites & set(arch.PRE_BLOCK_SITES), sites
+    return r.calls == ["logits"] and not sites & set(arch.PRE_BLOCK_SITES), sites, out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "counts",
@@ -281,13 +282,10 @@ def sweep(
     else:
         fl, fc = np.zeros(N, np.int32), np.zeros(N, np.int32)
 
-    # output buffers, and resumption
-    one = jax.tree.map(lambda a: a[:1], cells)
-    out_shape = jax.eval_shape(
-        lambda c: _run_chunk(model.params, base, c, data, jnp.int32(0), cfg=cfg, cell_fn=cell_fn, metric=metric, s0=0,
-                             positions=positions, vocab=vocab), one
-    )
-    results = jax.tree.map(lambda s: np.full((N,) + s.shape[1:], np.nan if np.issubdtype(s.dtype, np.floating) else 0, s.dtype), out_shape)
+    # what the cell function asks for and returns (one trace), output buffers, and resumption
+    fits, sites, out_shape = _probe(model.params, base, cells, data, cfg=cfg, cell_fn=cell_fn, metric=metric,
+                                    positions=positions, vocab=vocab)
+    results = jax.tree.map(lambda s: np.full((N,) + s.shape, np.nan if np.issubdtype(s.dtype, np.floating) else 0, s.dtype), out_shape)
     done = np.zeros(N, bool)
     store = None
     if checkpoint_dir is not None:
@@ -301,8 +299,6 @@ def sweep(
     n_dev = 1 if mesh is None else mesh.shape[mesh.axis_names[0]]
     todo = np.nonzero(~done)[0]
     itemsize = jnp.dtype(model.dtype).itemsize
-    fits, sites = _probe(model.params, base, cells, data, cfg=cfg, cell_fn=cell_fn, metric=metric,
-                         positions=positions, vocab=vocab)
     if stairs == "auto":
         stairs = small_groups(fl, fc, todo, P=P, batch=B, buckets=buckets, unchanged_prefix=unchanged_prefix)
     stairs = bool(stairs) and fits and len(todo) > 0
