@@ -39,8 +39,9 @@ class StairChunk:
 # reads every layer's weights once (on CPU as long as ~64 rows of products take), its first layers
 # run products too small to reach the machine's rate (~32 rows lost, twice over as a staircase's
 # batch grows from nothing), and it compiles once (seconds). 192 was fastest warm on the llama-1b
-# and GPT-2-small benchmark shapes but compiled 8 programs for GPT-2; 512 halves that (BUILD_NOTES).
-BUCKET_ROWS = 512
+# and GPT-2-small benchmark shapes but compiled 8 programs for GPT-2; 384 compiles 5 there and keeps
+# 2 buckets for llama-1b (512 merged those into 1: 12% slower warm). See BUILD_NOTES.
+BUCKET_ROWS = 384
 
 
 def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int = BUCKET_ROWS, max_buckets: int = 16) -> list[int]:
