@@ -14,9 +14,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jinterp.arch import families
+import numpy as np
+
+from jinterp import sharding
+from jinterp.arch import families, param_shapes
 from jinterp.io import hf, orbax
-from jinterp.io.safetensors import Reader
+from jinterp.io.safetensors import CheckpointError, Lazy, Reader, aligned_empty
 from jinterp.model import Model
 
 MODELS_DIR = Path(os.environ.get("JINTERP_MODELS", Path(__file__).resolve().parent.parent / "models"))
@@ -59,18 +62,47 @@ def resolve(source) -> Path:
         ) from e
 
 
-def cast(params, dtype):
-    """Parameters to `dtype`, except norm weights and biases, which stay float32 (they are tiny, and HF
-    computes norms in float32; Gemma's folded 1 + w would lose precision in bfloat16)."""
-
-    def leaf(path, a):
-        in_norm = any(str(getattr(k, "key", "")).startswith(("ln", "q_norm", "k_norm")) for k in path)
-        return jnp.asarray(a, dtype=jnp.float32 if in_norm else dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
+def _dtype_of(path, dtype):
+    """Norm weights and biases stay float32 (they are tiny, and HF computes norms in float32; Gemma's
+    folded 1 + w would lose precision in bfloat16); every other parameter takes `dtype`."""
+    in_norm = any(str(getattr(k, "key", "")).startswith(("ln", "q_norm", "k_norm")) for k in path)
+    return jnp.float32 if in_norm else dtype
 
 
-def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bool = True) -> Model:
+def place(params, cfg, dtype, mesh=None):
+    """Build and place every parameter, one at a time, in its final dtype: `params` holds `Lazy`
+    leaves (read from the checkpoint now) or arrays. On one device the 64-byte-aligned buffer a Lazy
+    builds is adopted by jax without a copy; on a mesh each parameter goes to its NamedSharding
+    (jinterp.sharding) and its host buffer is dropped before the next is read. So loading holds the
+    placed parameters plus one in flight, never a second copy of the model."""
+    expect = param_shapes(cfg)
+    got_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, Lazy))[0]}
+    want_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expect)[0]}
+    if got_paths != want_paths:
+        raise CheckpointError(f"parameters {sorted(got_paths ^ want_paths)} differ from what the config implies")
+    shards = sharding.param_shardings(cfg, mesh) if mesh is not None else None
+    flat_expect = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(expect)[0]}
+    flat_shards = {} if shards is None else {jax.tree_util.keystr(p): s for p, s in
+                                              jax.tree_util.tree_flatten_with_path(shards)[0]}
+
+    def leaf(path, v):
+        key = jax.tree_util.keystr(path)
+        dt = np.dtype(_dtype_of(path, dtype))
+        if isinstance(v, Lazy):
+            a = v.build(dt)
+        else:
+            a = aligned_empty(np.shape(v), dt)
+            a[...] = np.asarray(v)
+        if a.shape != flat_expect[key].shape:
+            raise CheckpointError(f"parameter {key} has shape {list(a.shape)}, the config implies "
+                                  f"{list(flat_expect[key].shape)}")
+        return jax.device_put(a, flat_shards.get(key))
+
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=lambda x: isinstance(x, Lazy))
+
+
+def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bool = True, mesh=None) -> Model:
     """Load a model for jinterp.
 
     source: a local HF-format directory (config.json, model.safetensors or a sharded index,
@@ -79,21 +111,28 @@ def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bo
     dtype: parameter dtype (float32, bfloat16, ...); norms and softmax always run in float32.
     precision: matmul precision, "highest" (fp32 exact on GPU/TPU too) or "default" (the backend's).
     tokenizer: False skips loading the tokenizer.
+    mesh: a jax.sharding.Mesh with axes "data" and/or "model": parameters are sharded over it by
+    jinterp.sharding's rules (tensor parallel over heads, d_mlp and vocabulary on "model", d_model on
+    "data"); a mesh that does not fit the model is refused before any weight is read.
     """
     path = resolve(source)
     if orbax.is_saved_model(path):
         saved = orbax.load_model(path, tokenizer=tokenizer)
         cfg = saved.config.replace(matmul_precision=precision)
-        return Model(cfg, cast(saved.params, dtype), saved.tokenizer, saved.name)
+        if mesh is not None:
+            sharding.check_mesh(cfg, mesh)
+        return Model(cfg, place(saved.params, cfg, dtype, mesh), saved.tokenizer, saved.name)
     hf_cfg = hf.read_config(path, families.supported())
     fam = families.family_for(hf_cfg.model_type)
     cfg = fam.config(hf_cfg).replace(matmul_precision=precision)
+    if mesh is not None:
+        sharding.check_mesh(cfg, mesh)
     reader = Reader(path, prefixes=fam.PREFIXES)
-    np_params = fam.params(reader, cfg, hf_cfg)
+    lazy = fam.params(reader, cfg, hf_cfg)  # checks every tensor's presence and shape; reads nothing
     extra = [n for n in reader.unused() if not n.endswith(_BUFFERS)]
     if extra:
         warnings.warn(f"{len(extra)} checkpoint tensors were not used, e.g. {extra[:3]}", stacklevel=2)
-    params = cast(np_params, dtype)
+    params = place(lazy, cfg, dtype, mesh)
     tok = None
     if tokenizer and any(path.glob("tokenizer*")):
         from transformers import AutoTokenizer

@@ -22,6 +22,7 @@ from jinterp.arch.forward import (
 from jinterp.arch.params import WEIGHTS, has_weight, param_shapes, replace_weight, weight
 
 __all__ = [
-    "PRE_BLOCK_SITES", "WEIGHTS", "Base", "base_run", "cells_view", "emitted_sites", "forward", "from_attention_mixes", "generate", "has_weight", "param_shapes",
-    "position_ids", "replace_weight", "resume", "resume_cells", "resume_record", "unembed", "weight",
+    "PRE_BLOCK_SITES", "WEIGHTS", "Base", "base_run", "cells_view", "emitted_sites", "forward",
+    "from_attention_mixes", "generate", "has_weight", "param_shapes", "position_ids", "replace_weight", "resume",
+    "resume_cells", "resume_record", "unembed", "weight",
 ]

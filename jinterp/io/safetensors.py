@@ -1,21 +1,58 @@
-"""Named tensors from safetensors checkpoints (one file, or a sharded index), read lazily as numpy.
+"""Named tensors from safetensors checkpoints (one file, or a sharded index), read on demand.
+
+`Reader.get` / `Reader.stack` check that a tensor exists with the expected shape at once, and
+return a `Lazy`: reading happens when the loader builds that parameter, straight into its final
+dtype (one layer at a time for stacks), so loading holds one parameter in flight, not the model.
 
 Every failure is a CheckpointError that names the file or tensor and what to do about it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted, or disagrees with its config."""
+
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array on a 64-byte boundary: jax.device_put then adopts it on CPU without a copy."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(n + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return buf[off : off + n].view(dtype).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy:
+    """A parameter read on demand: build(dtype) -> a 64-byte-aligned numpy array in that dtype."""
+
+    build: Callable[[np.dtype], np.ndarray]
+
+
+def zeros(shape) -> Lazy:
+    """A parameter of zeros (a bias the checkpoint does not have)."""
+
+    def build(dtype):
+        out = aligned_empty(shape, dtype)
+        out[...] = 0
+        return out
+
+    return Lazy(build)
 
 
 class Reader:
@@ -51,6 +88,7 @@ class Reader:
             files = found
             weight_map = None
         self._handles = {}
+        self._headers = {}
         self._where: dict[str, str] = {}
         for f in files:
             path = self.dir / f
@@ -64,6 +102,9 @@ class Reader:
                     f"corrupted checkpoint file {path}: {e}. Re-download or re-save the checkpoint."
                 ) from e
             self._handles[f] = h
+            with open(path, "rb") as fh:  # safe_open validated it; keep its header for plain reads
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[f] = (json.loads(fh.read(n)), 8 + n)
             for n in names:
                 self._where[n] = f
         if weight_map is not None:
@@ -85,7 +126,8 @@ class Reader:
     def has(self, name: str) -> bool:
         return self._full(name) in self._where
 
-    def get(self, name: str, shape: tuple | None = None) -> np.ndarray:
+    def _check(self, name: str, shape: tuple | None) -> str:
+        """The checkpoint name of `name`, checked to exist with `shape`; marks it used."""
         full = self._full(name)
         if full not in self._where:
             raise CheckpointError(
@@ -100,20 +142,57 @@ class Reader:
                 f"tensor {full!r} has shape {list(got)} but the config implies {list(shape)}. "
                 "The checkpoint and config.json disagree."
             )
-        try:
-            a = h.get_tensor(full)
-        except Exception as e:
-            raise CheckpointError(f"could not read tensor {full!r} from {self._where[full]}: {e}. The file may be corrupted.") from e
         self.used.add(full)
-        return a
+        return full
 
-    def stack(self, fmt: str, n_layers: int, shape: tuple | None = None, fn: Callable | None = None) -> np.ndarray:
-        """np.stack of fmt.format(l) for every layer, each checked against shape and mapped by fn."""
-        out = []
+    def read(self, name: str, shape: tuple | None = None) -> np.ndarray:
+        """Tensor `name` now, as stored (checked against shape). Read with pread rather than through
+        a memory map, so the file's pages do not stay mapped into this process (resident) afterwards."""
+        full = self._check(name, shape)
+        f = self._where[full]
+        try:
+            header, start = self._headers[f]
+            info = header[full]
+            lo, hi = info["data_offsets"]
+            buf = np.empty(hi - lo, np.uint8)
+            with open(self.dir / f, "rb", buffering=0) as fh:
+                fh.seek(start + lo)
+                if fh.readinto(memoryview(buf)) != hi - lo:
+                    raise ValueError("file ends early")
+            return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        except Exception as e:
+            raise CheckpointError(f"could not read tensor {full!r} from {f}: {e}. The file may be corrupted.") from e
+
+    def get(self, name: str, shape: tuple | None = None, fn: Callable | None = None) -> Lazy:
+        """Tensor `name` (checked now against shape), mapped by fn when built."""
+        self._check(name, shape)
+
+        def build(dtype):
+            a = self.read(name)
+            a = fn(a) if fn else a
+            out = aligned_empty(a.shape, dtype)
+            out[...] = a
+            return out
+
+        return Lazy(build)
+
+    def stack(self, fmt: str, n_layers: int, shape: tuple | None = None, fn: Callable | None = None) -> Lazy:
+        """fmt.format(l) for every layer (each checked now against shape), mapped by fn and stacked on a
+        leading layer axis when built, one layer in memory at a time besides the result."""
         for l in range(n_layers):
-            a = self.get(fmt.format(l), shape)
-            out.append(fn(a) if fn else a)
-        return np.stack(out)
+            self._check(fmt.format(l), shape)
+
+        def build(dtype):
+            out = None
+            for l in range(n_layers):
+                a = self.read(fmt.format(l))
+                a = fn(a) if fn else a
+                if out is None:
+                    out = aligned_empty((n_layers,) + a.shape, dtype)
+                out[l] = a
+            return out
+
+        return Lazy(build)
 
     def unused(self) -> list[str]:
         return [n for n in self._where if n not in self.used]

@@ -1,29 +1,23 @@
 """Mapping helpers several family files share."""
 
-import numpy as np
-
 from jinterp.config import Config
-from jinterp.io.safetensors import CheckpointError
+from jinterp.io.safetensors import CheckpointError, zeros
 
 
-def zeros(shape, like):
-    """Zeros in the checkpoint's dtype, for biases a family does not have."""
-    return np.zeros(shape, dtype=like.dtype)
-
-
-def unembedding(r, name: str, W_E, cfg: Config) -> dict:
+def unembedding(r, name: str, embed: str, cfg: Config) -> dict:
     """The "unembed" parameters {W_U [D, V], b_U [V]}, decided as transformers decides it: the
     checkpoint's separate output tensor `name` whenever it has one (transformers does not tie
     weights that differ), else W_E^T when the config ties embeddings. An untied config without
-    that tensor is an error rather than a silent fallback to W_E."""
+    that tensor is an error rather than a silent fallback to W_E. embed: the embedding's name."""
     V, D = cfg.d_vocab, cfg.d_model
+    T = lambda w: w.T
     if r.has(name):
-        W_U = r.get(name, (V, D))
+        W_U = r.get(name, (V, D), T)
     elif cfg.tied_embeddings:
-        W_U = W_E
+        W_U = r.get(embed, (V, D), T)
     else:
         raise CheckpointError(
             f"config.json says the embeddings are not tied (tie_word_embeddings false), but the checkpoint in "
             f"{r.dir} has no output matrix {name!r}. Is the checkpoint complete, or should the config tie them?"
         )
-    return {"W_U": W_U.T, "b_U": zeros((V,), W_E)}
+    return {"W_U": W_U, "b_U": zeros((V,))}

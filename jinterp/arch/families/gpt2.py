@@ -36,22 +36,21 @@ def config(hf) -> Config:
 
 def params(r, c: Config, hf) -> dict:
     L, D, H, dh, F, V = c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp, c.d_vocab
-    qkv = r.stack("h.{}.attn.c_attn.weight", L, (D, 3 * D))  # [L, D, 3D], Conv1D: x @ W
-    qkv_b = r.stack("h.{}.attn.c_attn.bias", L, (3 * D,))
-    heads = lambda w: w.reshape(L, D, H, dh).transpose(0, 2, 1, 3)  # -> [L, H, D, dh]
-    W_Q, W_K, W_V = (heads(w) for w in np.split(qkv, 3, axis=-1))
-    b_Q, b_K, b_V = (b.reshape(L, H, dh) for b in np.split(qkv_b, 3, axis=-1))
-    W_E = r.get("wte.weight", (V, D))
+    # fused qkv, Conv1D [D, 3D] (x @ W): part i -> [H, D, dh]; read once per part
+    part = lambda i: lambda w: np.split(w, 3, axis=-1)[i].reshape(D, H, dh).transpose(1, 0, 2)
+    W_Q, W_K, W_V = (r.stack("h.{}.attn.c_attn.weight", L, (D, 3 * D), part(i)) for i in range(3))
+    bpart = lambda i: lambda b: np.split(b, 3)[i].reshape(H, dh)
+    b_Q, b_K, b_V = (r.stack("h.{}.attn.c_attn.bias", L, (3 * D,), bpart(i)) for i in range(3))
     ln = lambda n: {"w": r.stack(f"h.{{}}.{n}.weight", L, (D,)), "b": r.stack(f"h.{{}}.{n}.bias", L, (D,))}
     return {
-        "embed": {"W_E": W_E},
+        "embed": {"W_E": r.get("wte.weight", (V, D))},
         "pos_embed": {"W_pos": r.get("wpe.weight", (c.n_ctx, D))},
         "blocks": {
             "ln1": ln("ln_1"),
             "ln2": ln("ln_2"),
             "attn": {
                 "W_Q": W_Q, "W_K": W_K, "W_V": W_V, "b_Q": b_Q, "b_K": b_K, "b_V": b_V,
-                "W_O": r.stack("h.{}.attn.c_proj.weight", L, (D, D)).reshape(L, H, dh, D),
+                "W_O": r.stack("h.{}.attn.c_proj.weight", L, (D, D), lambda w: w.reshape(H, dh, D)),
                 "b_O": r.stack("h.{}.attn.c_proj.bias", L, (D,)),
             },
             "mlp": {
@@ -62,7 +61,7 @@ def params(r, c: Config, hf) -> dict:
             },
         },
         "ln_final": {"w": r.get("ln_f.weight", (D,)), "b": r.get("ln_f.bias", (D,))},
-        "unembed": unembedding(r, "lm_head.weight", W_E, c),
+        "unembed": unembedding(r, "lm_head.weight", "wte.weight", c),
     }
 
 

@@ -6,7 +6,8 @@ whose files only set their own knobs.
 
 import numpy as np
 
-from jinterp.arch.families.common import unembedding, zeros
+from jinterp.arch.families.common import unembedding
+from jinterp.io.safetensors import zeros
 from jinterp.config import Config
 from jinterp.io.hf import hf_attr, layer_windows, rope_settings
 
@@ -53,28 +54,26 @@ def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, nor
     pre = "layers.{}."
 
     def norm_w(name, n=D):
-        w = r.get(name, (n,)) if "{}" not in name else r.stack(name, L, (n,))
-        return (w.astype(np.float32) + norm_offset).astype(w.dtype) if norm_offset else w
+        fn = (lambda w: w.astype(np.float32) + norm_offset) if norm_offset else None
+        return r.get(name, (n,), fn) if "{}" not in name else r.stack(name, L, (n,), fn)
 
     def proj_in(name, n_out_heads):  # nn.Linear [heads*dh, D] -> [L, heads, D, dh]
-        w = r.stack(pre + f"self_attn.{name}.weight", L, (n_out_heads * dh, D))
-        return w.reshape(L, n_out_heads, dh, D).transpose(0, 1, 3, 2)
+        return r.stack(pre + f"self_attn.{name}.weight", L, (n_out_heads * dh, D),
+                       lambda w: w.reshape(n_out_heads, dh, D).transpose(0, 2, 1))
 
     def bias(name, shape, present):
-        full = pre + name
         if present:
-            return r.stack(full, L, (int(np.prod(shape)),)).reshape((L,) + shape)
-        return zeros((L,) + shape, W_E)
+            return r.stack(pre + name, L, (int(np.prod(shape)),), lambda b: b.reshape(shape))
+        return zeros((L,) + shape)
 
-    W_E = r.get("embed_tokens.weight", (V, D))
-    mlp_w = lambda n, shape, tr=True: r.stack(pre + f"mlp.{n}.weight", L, shape).transpose(0, 2, 1)
+    mlp_w = lambda n, shape: r.stack(pre + f"mlp.{n}.weight", L, shape, lambda w: w.T)
     norms = norms or {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
     blocks = {k: {"w": norm_w(pre + v + ".weight")} for k, v in norms.items()}
     attn = {
         "W_Q": proj_in("q_proj", H),
         "W_K": proj_in("k_proj", K),
         "W_V": proj_in("v_proj", K),
-        "W_O": r.stack(pre + "self_attn.o_proj.weight", L, (D, H * dh)).transpose(0, 2, 1).reshape(L, H, dh, D),
+        "W_O": r.stack(pre + "self_attn.o_proj.weight", L, (D, H * dh), lambda w: w.T.reshape(H, dh, D)),
         "b_Q": bias("self_attn.q_proj.bias", (H, dh), qkv_bias),
         "b_K": bias("self_attn.k_proj.bias", (K, dh), qkv_bias),
         "b_V": bias("self_attn.v_proj.bias", (K, dh), qkv_bias),
@@ -93,8 +92,8 @@ def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, nor
         "b_out": bias("mlp.down_proj.bias", (D,), mlp_bias),
     }
     return {
-        "embed": {"W_E": W_E},
+        "embed": {"W_E": r.get("embed_tokens.weight", (V, D))},
         "blocks": blocks,
         "ln_final": {"w": norm_w("norm.weight")},
-        "unembed": unembedding(r, "lm_head.weight", W_E, c),
+        "unembed": unembedding(r, "lm_head.weight", "embed_tokens.weight", c),
     }

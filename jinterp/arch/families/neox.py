@@ -1,6 +1,7 @@
 """GPT-NeoX / Pythia: partial rotary, LayerNorm, parallel or sequential residual, fused per-head qkv."""
 
-from jinterp.arch.families.common import unembedding, zeros
+from jinterp.arch.families.common import unembedding
+from jinterp.io.safetensors import zeros
 from jinterp.config import Config
 from jinterp.io.hf import rope_settings
 
@@ -32,34 +33,34 @@ def config(hf) -> Config:
 def params(r, c: Config, hf) -> dict:
     L, D, H, dh, F, V = c.n_layers, c.d_model, c.n_heads, c.d_head, c.d_mlp, c.d_vocab
     # query_key_value: nn.Linear(D, 3D); output features are laid out [head, (q|k|v), dh]
-    qkv = r.stack("layers.{}.attention.query_key_value.weight", L, (3 * D, D)).reshape(L, H, 3, dh, D)
-    W_Q, W_K, W_V = (qkv[:, :, i].transpose(0, 1, 3, 2) for i in range(3))  # -> [L, H, D, dh]
+    # query_key_value: nn.Linear(D, 3D); output features are laid out [head, (q|k|v), dh]; read once per part
+    part = lambda i: lambda w: w.reshape(H, 3, dh, D)[:, i].transpose(0, 2, 1)  # -> [H, D, dh]
+    W_Q, W_K, W_V = (r.stack("layers.{}.attention.query_key_value.weight", L, (3 * D, D), part(i)) for i in range(3))
     if getattr(hf, "attention_bias", True):
-        qkv_b = r.stack("layers.{}.attention.query_key_value.bias", L, (3 * D,)).reshape(L, H, 3, dh)
-        b_Q, b_K, b_V = (qkv_b[:, :, i] for i in range(3))
+        bpart = lambda i: lambda b: b.reshape(H, 3, dh)[:, i]
+        b_Q, b_K, b_V = (r.stack("layers.{}.attention.query_key_value.bias", L, (3 * D,), bpart(i)) for i in range(3))
         b_O = r.stack("layers.{}.attention.dense.bias", L, (D,))
     else:
-        b_Q = b_K = b_V = zeros((L, H, dh), W_Q)
-        b_O = zeros((L, D), W_Q)
+        b_Q = b_K = b_V = zeros((L, H, dh))
+        b_O = zeros((L, D))
     ln = lambda n: {"w": r.stack(f"layers.{{}}.{n}.weight", L, (D,)), "b": r.stack(f"layers.{{}}.{n}.bias", L, (D,))}
-    W_E = r.get("embed_in.weight", (V, D))
     return {
-        "embed": {"W_E": W_E},
+        "embed": {"W_E": r.get("embed_in.weight", (V, D))},
         "blocks": {
             "ln1": ln("input_layernorm"),
             "ln2": ln("post_attention_layernorm"),
             "attn": {
                 "W_Q": W_Q, "W_K": W_K, "W_V": W_V, "b_Q": b_Q, "b_K": b_K, "b_V": b_V,
-                "W_O": r.stack("layers.{}.attention.dense.weight", L, (D, D)).transpose(0, 2, 1).reshape(L, H, dh, D),
+                "W_O": r.stack("layers.{}.attention.dense.weight", L, (D, D), lambda w: w.T.reshape(H, dh, D)),
                 "b_O": b_O,
             },
             "mlp": {
-                "W_in": r.stack("layers.{}.mlp.dense_h_to_4h.weight", L, (F, D)).transpose(0, 2, 1),
+                "W_in": r.stack("layers.{}.mlp.dense_h_to_4h.weight", L, (F, D), lambda w: w.T),
                 "b_in": r.stack("layers.{}.mlp.dense_h_to_4h.bias", L, (F,)),
-                "W_out": r.stack("layers.{}.mlp.dense_4h_to_h.weight", L, (D, F)).transpose(0, 2, 1),
+                "W_out": r.stack("layers.{}.mlp.dense_4h_to_h.weight", L, (D, F), lambda w: w.T),
                 "b_out": r.stack("layers.{}.mlp.dense_4h_to_h.bias", L, (D,)),
             },
         },
         "ln_final": {"w": r.get("final_layer_norm.weight", (D,)), "b": r.get("final_layer_norm.bias", (D,))},
-        "unembed": unembedding(r, "embed_out.weight", W_E, c),
+        "unembed": unembedding(r, "embed_out.weight", "embed_in.weight", c),
     }

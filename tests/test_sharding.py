@@ -1,0 +1,111 @@
+"""Parameters sharded on a device mesh (jinterp.load(..., mesh=)): the placements follow the
+partition rules, and every entry point gives the single-device numbers (8 virtual CPU devices)."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+import transformers as tf
+from jax.sharding import AxisType, PartitionSpec as P
+
+import jinterp
+from jinterp import attribution, metrics, patching, sharding
+
+V = 96
+CONFIGS = {
+    # 8 heads and d_mlp 64 divide by every model axis; 2 kv heads are split on model=2 and replicated above
+    "llama": tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=2, vocab_size=V, max_position_embeddings=64),
+    # vocabulary 97 divides by nothing: the (un)embedding splits d_model over both axes instead
+    "gpt2": tf.GPT2Config(n_layer=2, n_embd=32, n_head=8, vocab_size=97, n_positions=64),
+}
+MESHES = [(8, 1), (2, 4), (1, 8)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = {}
+    for name, cfg in CONFIGS.items():
+        torch.manual_seed(0)
+        m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        d = tmp_path_factory.mktemp(name)
+        m.save_pretrained(d)
+        out[name] = (str(d), jinterp.load(d, tokenizer=False))
+    return out
+
+
+def mesh(shape, auto=True):
+    kw = dict(axis_types=(AxisType.Auto,) * 2) if auto else {}
+    return jax.make_mesh(shape, ("data", "model"), **kw)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("shape", MESHES)
+def test_sharded_model_matches_one_device(saved, name, shape):
+    d, ref = saved[name]
+    m = jinterp.load(d, tokenizer=False, mesh=mesh(shape, auto=shape != (2, 4)))  # (2, 4): jax's default Explicit mesh
+    data, model = shape
+    # placements, read back from the arrays
+    assert m.mesh is not None and dict(m.mesh.shape) == {"data": data, "model": model}
+    spec = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+    M, D = ("model" if model > 1 else None), ("data" if data > 1 else None)
+    assert spec(m.params["blocks"]["attn"]["W_Q"]) == (None, M, D, None)
+    assert spec(m.params["blocks"]["mlp"]["W_out"]) == (None, M, D)
+    kv = M if m.cfg.n_kv_heads % model == 0 else None
+    assert spec(m.params["blocks"]["attn"]["W_K"]) == (None, kv, D, None)
+    if m.cfg.d_vocab % model == 0:
+        assert spec(m.params["embed"]["W_E"]) == (M, D)
+    else:
+        both = tuple(a for a in (D, M) if a) or None
+        assert spec(m.params["embed"]["W_E"]) == (None, both if both and len(both) > 1 else (both[0] if both else None))
+    for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(ref.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # every entry point gives the single-device numbers
+    rs = np.random.RandomState(0)
+    toks = rs.randint(0, m.cfg.d_vocab, (2, 7))
+    corr = rs.randint(0, m.cfg.d_vocab, (2, 7))
+    np.testing.assert_allclose(np.asarray(m(toks)), np.asarray(ref(toks)), atol=2e-5)
+    names = ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_pattern", "blocks.1.mlp.hook_post"]
+    _, c1 = m.run_with_cache(toks, names=names)
+    _, c0 = ref.run_with_cache(toks, names=names)
+    for n in names:
+        np.testing.assert_allclose(np.asarray(c1[n]), np.asarray(c0[n]), atol=2e-5)
+    prompt = np.asarray(toks[:, :4])
+    np.testing.assert_array_equal(np.asarray(m.generate(prompt, max_new_tokens=3)),
+                                  np.asarray(ref.generate(prompt, max_new_tokens=3)))
+    metric = metrics.logit_diff(rs.randint(0, m.cfg.d_vocab, (2, 2)))
+    _, clean = ref.run_with_cache(toks)
+    _, clean_s = m.run_with_cache(toks)
+    np.testing.assert_allclose(patching.resid_pre(m, corr, clean_s, metric, progress=False).values,
+                               patching.resid_pre(ref, corr, clean, metric, progress=False).values, atol=2e-5)
+    got = attribution.attribution_patching(m, toks, corr, metric)
+    want = attribution.attribution_patching(ref, toks, corr, metric)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k].values), np.asarray(want[k].values), atol=2e-5)
+
+
+def test_mesh_that_does_not_fit(saved, tmp_path):
+    d, _ = saved["llama"]
+    bad = jax.make_mesh((1, 8), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    cfg = jinterp.Config(family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=4, d_head=8, d_mlp=64,
+                         d_vocab=V, n_ctx=64, norm="rmsnorm", mlp="gated", act="silu", positional="rotary",
+                         rotary_dim=8)
+    with pytest.raises(sharding.ShardingError, match=r"n_heads=4 does not divide by the 'model' axis \(8\).*data=2,model=4"):
+        sharding.check_mesh(cfg, bad)
+    with pytest.raises(sharding.ShardingError, match="name them 'data' and/or 'model'"):
+        jinterp.load(d, mesh=jax.make_mesh((8,), ("x",)))
+    # refused before any weight is read: a checkpoint with no weights at all still gets the mesh error
+    (tmp_path / "config.json").write_text(open(f"{d}/config.json").read().replace('"num_attention_heads": 8', '"num_attention_heads": 4'))
+    with pytest.raises(sharding.ShardingError, match="n_heads=4"):
+        jinterp.load(tmp_path, mesh=bad)
+
+
+def test_bf16_sharded_keeps_norms_fp32(saved):
+    d, _ = saved["llama"]
+    m = jinterp.load(d, dtype=jnp.bfloat16, tokenizer=False, mesh=mesh((2, 4)))
+    assert m.params["blocks"]["attn"]["W_Q"].dtype == jnp.bfloat16
+    assert m.params["blocks"]["ln1"]["w"].dtype == jnp.float32 and m.params["ln_final"]["w"].dtype == jnp.float32
