@@ -86,5 +86,39 @@ def experiment(
                f"{run.get('compiled_programs')} compiled programs. Report: {done / 'report.md'}")
 
 
+
+@app.command("plan")
+def plan_memory(
+    source: str = typer.Argument(..., help="model directory, bundled name, or a config.json (no weights needed)"),
+    batch: int = typer.Option(1, help="batch size"),
+    seq: int = typer.Option(128, help="tokens per sequence"),
+    mesh: Optional[str] = typer.Option(None, help="device mesh, e.g. data=2,model=4"),
+    dtype: str = typer.Option("float32", help="parameter dtype: float32 or bfloat16"),
+    memory: Optional[float] = typer.Option(None, help="GiB free per device to plan for (default: this machine's)"),
+):
+    """Per-device memory for parameters, a forward, a full cache and a sweep chunk, and whether it fits."""
+    from jinterp import planner, sharding
+
+    shape = None
+    if mesh:
+        try:
+            shape = {k.strip(): int(v) for k, v in (part.split("=") for part in mesh.split(","))}
+        except ValueError:
+            typer.echo(f"Error: --mesh {mesh!r} is not of the form data=2,model=4", err=True)
+            raise typer.Exit(2)
+    if dtype not in ("float32", "bfloat16"):
+        typer.echo(f"Error: --dtype must be float32 or bfloat16, got {dtype!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        p = planner.plan(source, batch, seq, mesh=shape, dtype=dtype, name=Path(source).name,
+                         memory=None if memory is None else memory * planner.GiB)
+    except sharding.ShardingError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(str(p))
+    if not p.fits:
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

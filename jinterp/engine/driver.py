@@ -35,7 +35,7 @@ import numpy as np
 from jinterp import arch
 from jinterp import metrics as M
 from jinterp.distributed import to_host
-from jinterp.engine.plan import bytes_per_cell, plan
+from jinterp.engine.plan import bytes_per_cell, chunk_budget, plan
 from jinterp.engine.stairs import small_groups, stair_plan
 from jinterp.engine.store import SweepStore, signature
 from jinterp.results import Labelled, label_grid
@@ -226,7 +226,7 @@ def sweep(
     stairs: bool | str = "auto",
     unchanged_prefix: int = 0,
     chunk_size: int | None = None,
-    memory_budget: float = 2e9,
+    memory_budget: float | None = None,
     mesh=None,
     progress: bool | str = True,
     checkpoint_dir=None,
@@ -251,6 +251,7 @@ def sweep(
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device), for
     a model held whole on every device. A model loaded with jinterp.load(..., mesh=) needs none: its
     sweeps run on its own mesh.
+    memory_budget: bytes a chunk may take (None: half the device's free memory, engine.plan.chunk_budget).
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
     stats: a dict to fill with the plan (chunks, rows, cells' bounds) for engine/flops.py.
     """
@@ -304,7 +305,8 @@ def sweep(
     stairs = bool(stairs) and fits and len(todo) > 0
     if stairs:
         n_pos, n_voc = len(positions or range(P)), len(vocab or range(cfg.d_vocab))
-        cap = chunk_size or max(1, int(memory_budget // bytes_per_cell(cfg, B, P, P, n_pos, n_voc, itemsize)))
+        budget = chunk_budget() if memory_budget is None else memory_budget
+        cap = chunk_size or max(1, int(budget // bytes_per_cell(cfg, B, P, P, n_pos, n_voc, itemsize)))
         chunks = stair_plan(fl, fc, todo, P=P, n_layers=cfg.n_layers, cap=cap, n_devices=n_dev, batch=B,
                             buckets=buckets, unchanged_prefix=unchanged_prefix)
     else:

@@ -11,8 +11,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
+import jax
 import numpy as np
+
+# a sweep's chunks may take this fraction of a device's free memory (the rest: parameters already
+# counted as in use on GPU, the base run, XLA's scratch, and the host's other work on CPU)
+MEMORY_FRACTION = 0.5
+
+
+def device_memory(device=None) -> int:
+    """Bytes free on one device: an accelerator's own figure (bytes_limit - bytes_in_use); on CPU
+    the host's available memory shared among the local CPU devices."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(avail // max(1, len([d for d in jax.local_devices() if d.platform == "cpu"])))
+
+
+def chunk_budget(memory: float | None = None) -> float:
+    """Bytes a sweep's chunk may use: MEMORY_FRACTION of `memory` (default: device_memory())."""
+    return MEMORY_FRACTION * (device_memory() if memory is None else memory)
 
 
 def position_buckets(P: int, min_width: int = 4) -> list[int]:
@@ -40,8 +70,10 @@ class Chunk:
 
 
 def plan(first_layer, first_pos, todo, *, cfg, batch, P, positions, vocab, itemsize, buckets=True,
-         unchanged_prefix=0, chunk_size=None, memory_budget=2e9, n_devices=1) -> list[Chunk]:
-    """Chunks covering the cells `todo`, given each cell's first changed layer and position."""
+         unchanged_prefix=0, chunk_size=None, memory_budget=None, n_devices=1) -> list[Chunk]:
+    """Chunks covering the cells `todo`, given each cell's first changed layer and position.
+    memory_budget: bytes a chunk may take (None: chunk_budget())."""
+    budget = chunk_budget() if memory_budget is None else memory_budget
     fc = np.maximum(first_pos, int(unchanged_prefix))
     starts = position_buckets(P) if buckets else [0]
     if buckets and 0 < unchanged_prefix < P:
@@ -55,7 +87,7 @@ def plan(first_layer, first_pos, todo, *, cfg, batch, P, positions, vocab, items
         S = P - s
         n_pos = len(positions or range(S))
         n_voc = len(vocab or range(cfg.d_vocab))
-        cap = chunk_size or max(1, int(memory_budget // bytes_per_cell(cfg, batch, S, P, n_pos, n_voc, itemsize)))
+        cap = chunk_size or max(1, int(budget // bytes_per_cell(cfg, batch, S, P, n_pos, n_voc, itemsize)))
         C = max(1, min(cap, biggest))
         C = n_devices * math.ceil(C / n_devices)
         for l in layers:
