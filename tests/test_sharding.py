@@ -109,3 +109,57 @@ def test_bf16_sharded_keeps_norms_fp32(saved):
     m = jinterp.load(d, dtype=jnp.bfloat16, tokenizer=False, mesh=mesh((2, 4)))
     assert m.params["blocks"]["attn"]["W_Q"].dtype == jnp.bfloat16
     assert m.params["blocks"]["ln1"]["w"].dtype == jnp.float32 and m.params["ln_final"]["w"].dtype == jnp.float32
+
+
+LOAD_PEAK = r"""
+import json, sys
+import numpy as np
+from safetensors.numpy import save_file
+d = sys.argv[1]
+L, D, F, V, H, K = 8, 512, 2048, 8000, 8, 2
+rs = np.random.RandomState(0)
+t = {"model.embed_tokens.weight": rs.randn(V, D).astype(np.float32), "model.norm.weight": np.ones(D, np.float32),
+     "lm_head.weight": rs.randn(V, D).astype(np.float32)}
+for l in range(L):
+    p = f"model.layers.{l}."
+    for n, s in (("self_attn.q_proj", (D, D)), ("self_attn.k_proj", (K * D // H, D)), ("self_attn.v_proj", (K * D // H, D)),
+                 ("self_attn.o_proj", (D, D)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)), ("mlp.down_proj", (D, F))):
+        t[p + n + ".weight"] = rs.randn(*s).astype(np.float32)
+    t[p + "input_layernorm.weight"] = np.ones(D, np.float32)
+    t[p + "post_attention_layernorm.weight"] = np.ones(D, np.float32)
+save_file(t, d + "/model.safetensors")
+json.dump(dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=D, intermediate_size=F,
+               num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=K, vocab_size=V,
+               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False), open(d + "/config.json", "w"))
+file_bytes = sum(a.nbytes for a in t.values())
+del t
+def rss(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+import jax, jax.numpy as jnp, jinterp
+from jinterp import planner
+jnp.zeros(1).block_until_ready()
+planner.config_of(d)  # imports transformers and parses the config: not loading's own memory
+import resource, gc
+gc.collect()
+# VmHWM is this process's peak so far (the random tensors above): measure loading's own peak with a fresh mark
+open("/proc/self/clear_refs", "w").write("5")
+before = rss("VmRSS:")
+m = jinterp.load(d, tokenizer=False)
+nbytes = sum(a.nbytes for a in jax.tree.leaves(m.params))
+print(json.dumps(dict(model=nbytes, peak=rss("VmHWM:") - before)))
+"""
+
+
+def test_loading_peak_memory(tmp_path):
+    """Loading holds the placed parameters plus one in flight: its peak resident memory stays within
+    1.2x the parameters' bytes (+ 16 MB for the allocator's and jax's bookkeeping)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={"JINTERP_COMPILE_CACHE": "0", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["model"] > 100e6
+    assert got["peak"] <= 1.2 * got["model"] + 16e6, got

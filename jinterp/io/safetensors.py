@@ -145,33 +145,52 @@ class Reader:
         self.used.add(full)
         return full
 
-    def read(self, name: str, shape: tuple | None = None) -> np.ndarray:
-        """Tensor `name` now, as stored (checked against shape). Read with pread rather than through
-        a memory map, so the file's pages do not stay mapped into this process (resident) afterwards."""
+    def read(self, name: str, shape: tuple | None = None, rows: tuple | None = None) -> np.ndarray:
+        """Tensor `name` now, as stored (checked against shape); rows (i, j): only rows i..j-1 of its
+        first axis. Read with readinto rather than through a memory map, so the file's pages do not
+        stay mapped into this process (resident) afterwards."""
         full = self._check(name, shape)
         f = self._where[full]
         try:
             header, start = self._headers[f]
             info = header[full]
             lo, hi = info["data_offsets"]
+            shape = list(info["shape"])
+            if rows is not None:
+                row = (hi - lo) // max(1, shape[0])
+                lo, hi, shape[0] = lo + rows[0] * row, lo + rows[1] * row, rows[1] - rows[0]
             buf = np.empty(hi - lo, np.uint8)
             with open(self.dir / f, "rb", buffering=0) as fh:
                 fh.seek(start + lo)
                 if fh.readinto(memoryview(buf)) != hi - lo:
                     raise ValueError("file ends early")
-            return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            return buf.view(_DTYPES[info["dtype"]]).reshape(shape)
         except Exception as e:
             raise CheckpointError(f"could not read tensor {full!r} from {f}: {e}. The file may be corrupted.") from e
 
-    def get(self, name: str, shape: tuple | None = None, fn: Callable | None = None) -> Lazy:
-        """Tensor `name` (checked now against shape), mapped by fn when built."""
-        self._check(name, shape)
+    def get(self, name: str, shape: tuple | None = None, fn: Callable | None = None, transpose: bool = False) -> Lazy:
+        """Tensor `name` (checked now against shape), mapped by fn (or transposed) when built. Without
+        fn it is read and cast a block of rows at a time, so a cast never holds the tensor twice."""
+        full = self._check(name, shape)
 
         def build(dtype):
-            a = self.read(name)
-            a = fn(a) if fn else a
-            out = aligned_empty(a.shape, dtype)
-            out[...] = a
+            if fn is not None:
+                a = fn(self.read(name))
+                out = aligned_empty(a.shape, dtype)
+                out[...] = a
+                return out
+            stored = tuple(self._headers[self._where[full]][0][full]["shape"])
+            out = aligned_empty(stored[::-1] if transpose else stored, dtype)
+            n = stored[0] if stored else 0
+            step = max(1, n // 16)
+            for i in range(0, n, step):
+                block = self.read(name, rows=(i, min(n, i + step)))
+                if transpose:
+                    out[..., i : i + len(block)] = block.T
+                else:
+                    out[i : i + len(block)] = block
+            if not stored:
+                out[...] = self.read(name)
             return out
 
         return Lazy(build)

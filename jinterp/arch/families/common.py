@@ -10,11 +10,10 @@ def unembedding(r, name: str, embed: str, cfg: Config) -> dict:
     weights that differ), else W_E^T when the config ties embeddings. An untied config without
     that tensor is an error rather than a silent fallback to W_E. embed: the embedding's name."""
     V, D = cfg.d_vocab, cfg.d_model
-    T = lambda w: w.T
     if r.has(name):
-        W_U = r.get(name, (V, D), T)
+        W_U = r.get(name, (V, D), transpose=True)
     elif cfg.tied_embeddings:
-        W_U = r.get(embed, (V, D), T)
+        W_U = r.get(embed, (V, D), transpose=True)
     else:
         raise CheckpointError(
             f"config.json says the embeddings are not tied (tie_word_embeddings false), but the checkpoint in "
