@@ -4,7 +4,6 @@
                                                # patching benchmark saves with --model-dir /tmp/l1b)
 """
 
-import json
 import subprocess
 import sys
 

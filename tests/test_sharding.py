@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 import torch
 import transformers as tf
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
 
 import jinterp
 from jinterp import attribution, metrics, patching, sharding
