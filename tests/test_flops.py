@@ -5,7 +5,7 @@ import jax
 
 import jinterp
 from jinterp import arch, metrics, patching
-from jinterp.engine import flops
+from jinterp.engine import flops, stairs
 from tests import hf_zoo
 
 
@@ -14,7 +14,7 @@ def xla_flops(fn, *args):
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def test_counts_agree_with_xla(tmp_path):
+def test_counts_agree_with_xla(tmp_path, monkeypatch):
     m = jinterp.load(hf_zoo.save(hf_zoo.build("gpt2"), tmp_path / "m"))
     cfg = m.cfg
     toks = np.random.RandomState(0).randint(0, hf_zoo.V, (3, 8))
@@ -32,8 +32,16 @@ def test_counts_agree_with_xla(tmp_path):
         fn(m, corr, cache, metric, progress=False, stairs=True, stats=st)
         performed = flops.performed_flops(cfg, st) - flops.forward_flops(cfg, 3, 8)  # less the base run
         assert performed <= sum(st["xla_flops"]) <= 1.25 * performed
-        # exact in layers; positions within the bucket slack
+        # at 8 positions the default bucket cost merges all positions into one bucket: more work, never less
+        assert flops.performed_flops(cfg, st) >= flops.minimum_for(cfg, st)
+        # a bucket per first position: exact in layers and positions (the slack is attention over all
+        # keys instead of causal ones, and the last block's unread rows)
+        monkeypatch.setattr(stairs, "BUCKET_ROWS", 0)
+        st = {}
+        fn(m, corr, cache, metric, progress=False, stairs=True, stats=st)
+        assert len({ch["s0"] for ch in st["chunks"]}) == 8
         assert 1.0 <= flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) <= 1.15
+        monkeypatch.undo()
 
 
 def test_minimum_by_hand():

@@ -44,9 +44,11 @@ class StairChunk:
 BUCKET_ROWS = 384
 
 
-def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int = BUCKET_ROWS, max_buckets: int = 16) -> list[int]:
+def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int | None = None, max_buckets: int = 16) -> list[int]:
     """Bucket starts minimising the rows re-run (sum over cells of batch x (P - start)) plus
-    `bucket_rows` per bucket: exact dynamic programme over the distinct first positions."""
+    `bucket_rows` (default BUCKET_ROWS) per bucket: exact dynamic programme over the distinct first
+    positions."""
+    bucket_rows = BUCKET_ROWS if bucket_rows is None else bucket_rows
     fp = np.asarray(first_pos, np.int64)
     if fp.size == 0:
         return [0]
