@@ -27,8 +27,10 @@ from experiments.report import OutputExists, Report, claims_markdown, count_comp
 
 # name -> module; a new experiment is one module plus a line here
 EXPERIMENTS = {
+    "hopping-too-late": "experiments.hopping_too_late",
     "induction": "experiments.induction",
     "ioi": "experiments.ioi",
+    "ph3": "experiments.ph3",
     "retrieval-heads": "experiments.retrieval_heads",
 }
 

@@ -166,3 +166,21 @@ def _prune(tree: dict, drop: Callable[[str], bool]) -> dict:
         elif not drop(k):
             out[k] = v
     return out
+
+
+def plot_history(history, path, *, ylabel: str = "loss", title: str = "") -> None:
+    """The (step, loss) pairs `train` recorded, as a PNG (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, l = zip(*history)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(s, l)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)

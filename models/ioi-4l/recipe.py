@@ -123,22 +123,6 @@ def train(
     hf_export.save_hf(run.params, cfg, out, tok)
     card = {"metrics": metrics, "recipe": recipe, "train_seconds": round(run.seconds, 1), "loss_history": run.history}
     (out / "training.json").write_text(json.dumps(card, indent=1))
-    plot_curve(run.history, out / "training_curve.png")
+    loop.plot_history(run.history, out / "training_curve.png", ylabel="weighted loss (answer + 0.1 x other tokens)",
+                      title="ioi-4l training")
     return card
-
-
-def plot_curve(history, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s, l = zip(*history)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(s, l)
-    ax.set_xlabel("step")
-    ax.set_ylabel("weighted loss (answer + 0.1 x other tokens)")
-    ax.set_yscale("log")
-    ax.set_title("ioi-4l training")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
