@@ -115,7 +115,7 @@ def run(model, report, *, batch: int | None = None, seed: int = 0, quick: bool =
     r1, r2, e1 = trip.T
     e2 = g.table[r1, e1]
     e3 = g.table[r2, e2]
-    ids2, ids3, ids1 = v.entity_ids(g, e2), v.entity_ids(g, e3), v.entity_ids(g, e1)
+    ids2, ids3 = v.entity_ids(g, e2), v.entity_ids(g, e3)
 
     # ---------------------------------------------------------------- 1. correct / incorrect
     comp = v.ids([g.two_hop_words(*t) for t in trip])

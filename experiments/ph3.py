@@ -54,7 +54,7 @@ def dataset(model, seed: int, n: int):
     g = organisms.recipe(ORGANISM).graph()
     v = kg.Vocab(model.tokenizer, g.words)
     rng = np.random.default_rng(seed)
-    R, N = g.table.shape
+    N = g.table.shape[1]
     known = np.argwhere(g.known)
     r, e = known[rng.integers(len(known), size=n)].T
     m = g.table[r, e]

@@ -73,7 +73,7 @@ def evaluate(params, cfg: Config, n: int = 1000, seed: int = 1234) -> dict:
     lines; on conflict prompts, the fraction answering the memorised object and the context's."""
     g, v = graph(), vocab()
     rng = np.random.default_rng(seed)
-    R, N = g.table.shape
+    N = g.table.shape[1]
     known, unknown = np.argwhere(g.known), np.argwhere(~g.known)
     k = known[rng.integers(len(known), size=n)]
     u = unknown[rng.integers(len(unknown), size=n)]
