@@ -34,14 +34,13 @@ def test_counts_agree_with_xla(tmp_path, monkeypatch):
         assert performed <= sum(st["xla_flops"]) <= 1.25 * performed
         # at 8 positions the default bucket cost merges all positions into one bucket: more work, never less
         assert flops.performed_flops(cfg, st) >= flops.minimum_for(cfg, st)
-        # a bucket per first position: exact in layers and positions (the slack is attention over all
-        # keys instead of causal ones, and the last block's unread rows)
-        monkeypatch.setattr(stairs, "BUCKET_ROWS", 0)
-        st = {}
-        fn(m, corr, cache, metric, progress=False, stairs=True, stats=st)
-        assert len({ch["s0"] for ch in st["chunks"]}) == 8
-        assert 1.0 <= flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) <= 1.15
-        monkeypatch.undo()
+    # a bucket per first position: exact in layers and positions (the slack is attention over all keys
+    # instead of causal ones, and the last block's unread rows)
+    monkeypatch.setattr(stairs, "BUCKET_ROWS", 0)
+    st = {}
+    patching.resid_pre(m, corr, cache, metric, progress=False, stairs=True, stats=st)
+    assert len({ch["s0"] for ch in st["chunks"]}) == 8
+    assert 1.0 <= flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) <= 1.15
 
 
 def test_minimum_by_hand():
