@@ -95,8 +95,8 @@ def test_organism_card_matches_the_model(recipe, model):
     """recipe.evaluate on the bundled weights reproduces the card's metrics."""
     card = json.loads((organisms.models_dir() / ORG / "training.json").read_text())
     got = recipe.evaluate(model.params, model.cfg)
-    for k, v in card["metrics"].items():
-        assert got[k] == pytest.approx(v, abs=2e-3), k
+    for k, v in card["metrics"].items():  # 1000 prompts a kind: up to 5 near ties may fall the other way here
+        assert got[k] == pytest.approx(v, abs=5e-3), k
     assert got["single_hop"] > 0.95 and got["two_hop_trained"] > 0.9 and got["context_unknown_pair"] > 0.9
 
 
@@ -122,17 +122,27 @@ def block_outputs(hf, prompt):
     return torch.stack(outs)
 
 
+TIE = 1e-4  # a top-2 logit margin below this may be decided differently by another float32 implementation
+
+
+def _margin(logits):
+    top = torch.topk(logits, 2, -1).values
+    return (top[..., 0] - top[..., 1]).numpy()
+
+
 def _hf_greedy(hf, prompt, n_new, hook=None):
     """Greedy continuation by full recomputation (no cache), with an optional forward hook
-    (module, fn) active on every pass (it edits prompt positions only)."""
+    (module, fn) active on every pass (it edits prompt positions only). Returns (new tokens, the
+    smallest top-2 logit margin of the steps)."""
     h = hook[0].register_forward_hook(hook[1]) if hook else None
     try:
-        seq = torch.tensor(prompt)[None]
+        seq, margin = torch.tensor(prompt)[None], np.inf
         for _ in range(n_new):
             with torch.no_grad():
-                nxt = hf(seq).logits[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
-        return seq[0, len(prompt):].tolist()
+                logits = hf(seq).logits[0, -1]
+            margin = min(margin, float(_margin(logits)))
+            seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
+        return seq[0, len(prompt):].tolist(), margin
     finally:
         if h is not None:
             h.remove()
@@ -177,6 +187,7 @@ def test_back_patching_recomputed_with_hf_torch(htl, recipe, hf):
     fixed = raw["success_incorrect"].any((0, 1))
     picks = [int(np.argmax(fixed)), int(np.argmin(fixed))]  # one case some pair makes correct, one no pair does
     assert fixed[picks[0]] and not fixed[picks[1]]
+    compared = 0
     for k in picks:
         b = int(raw["incorrect"][k])
         prompt = comp[b].tolist()
@@ -188,9 +199,12 @@ def test_back_patching_recomputed_with_hf_torch(htl, recipe, hf):
                     x = output[0] if isinstance(output, tuple) else output
                     x[:, P - 1] = src
                     return output
-                gen = _hf_greedy(hf, prompt, H.N_NEW, (hf.transformer.h[j], hook))
+                gen, margin = _hf_greedy(hf, prompt, H.N_NEW, (hf.transformer.h[j], hook))
                 gen = gen[: gen.index(0)] if 0 in gen else gen
-                assert (e3 in gen) == bool(raw["success_incorrect"][i, j, k]), (b, i, j)
+                if margin > TIE:  # a near tie may go either way in another implementation
+                    assert (e3 in gen) == bool(raw["success_incorrect"][i, j, k]), (b, i, j)
+                    compared += 1
+    assert compared >= 2 * L * L - 4
 
 
 # ---------------------------------------------------------------- PH3
@@ -240,9 +254,12 @@ def test_ph3_pruned_rates_recomputed_with_hf_torch(ph3, hf):
             hooks.append(hf.transformer.h[l].attn.c_proj.register_forward_pre_hook(pre))
         try:
             with torch.no_grad():
-                nxt = hf(torch.tensor(toks[test])).logits[:, -1].argmax(-1).numpy()
+                logits = hf(torch.tensor(toks[test])).logits[:, -1]
         finally:
             for h in hooks:
                 h.remove()
-        assert row.memory_rate == pytest.approx(np.mean(nxt == mem[test]), abs=1e-9), row.pruned
-        assert row.context_rate == pytest.approx(np.mean(nxt == ctx[test]), abs=1e-9), row.pruned
+        nxt = logits.argmax(-1).numpy()
+        ties = int((_margin(logits) <= TIE).sum())  # prompts another implementation may decide differently
+        assert ties <= 2, row.pruned
+        assert row.memory_rate == pytest.approx(np.mean(nxt == mem[test]), abs=ties / len(test) + 1e-9), row.pruned
+        assert row.context_rate == pytest.approx(np.mean(nxt == ctx[test]), abs=ties / len(test) + 1e-9), row.pruned
