@@ -122,6 +122,7 @@ def test_organism_solves_ioi_on_fresh_prompts(model):
     assert (io - s).mean() > 1.0
 
 
+@pytest.mark.slow  # the training loop and export run by default in tests/test_bundled.py (train-bundled CLI)
 def test_recipe_training_smoke(recipe, tmp_path):
     card = recipe.train(tmp_path / "m", steps=3, batch=8, d_model=16, n_layers=1, n_heads=2, log_every=1, progress=False)
     assert len(card["loss_history"]) == 3 and all(np.isfinite(l) for _, l in card["loss_history"])

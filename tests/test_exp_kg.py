@@ -100,7 +100,7 @@ def test_organism_card_matches_the_model(recipe, model):
     assert got["single_hop"] > 0.95 and got["two_hop_trained"] > 0.9 and got["context_unknown_pair"] > 0.9
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the training loop and export run by default in tests/test_bundled.py (train-bundled CLI)
 def test_recipe_training_smoke(recipe, tmp_path):
     card = recipe.train(tmp_path / "m", steps=3, progress=False, log_every=1)
     m = jinterp.load(tmp_path / "m")

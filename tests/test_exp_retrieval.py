@@ -78,6 +78,7 @@ def test_organism_finds_needles_on_fresh_prompts(recipe, model):
     assert m["needle_recall"] > 0.6 and m["needle_exact"] > 0.2, m  # bundled: recall 0.74, exact 0.35 (training.json)
 
 
+@pytest.mark.slow  # the training loop and export run by default in tests/test_bundled.py (train-bundled CLI)
 def test_training_step_smoke(recipe, tmp_path):
     v = recipe.vocab()
     cfg = recipe.config(d_model=16, n_heads=2, n_layers=1)
