@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.data import kg
-from jinterp import arch, lens, patching
+from jinterp import arch, patching
 from jinterp import edits as E
 from jinterp.train import organisms
 
@@ -173,14 +173,15 @@ def run(model, report, *, batch: int | None = None, seed: int = 0, quick: bool =
                  f"control ({fixed_fwd:.1%}){why}")
 
     # ---------------------------------------------------------------- 3. projections and lenses
-    _, cache = model.run_with_cache(comp, names=lambda s: s.endswith(("hook_attn_out", "hook_mlp_out")))
+    # one cached run serves the projections, the logit lens and the Patchscopes sources
+    _, cache = model.run_with_cache(comp, names=lambda s: s.endswith(("hook_attn_out", "hook_mlp_out", "hook_resid_post")))
     proj = {k: np.asarray(_unembed(model.params, cfg, cache.stack(f"hook_{k}_out")[:, :, last:last + 1]))[:, :, 0]
             for k in ("attn", "mlp")}  # [L, B, V]
     pred = np.asarray(comp_gen[:, 0])
     attn_e2 = ranks(proj["attn"], ids2) == 0  # [L, B]
     mlp_pred = ranks(proj["mlp"], pred) == 0
-    res, _ = lens.layer_logits(model, comp, positions=[t1, last])  # [L + 1, B, 2, V]: resid_pre 0..L-1, then final
-    res = np.asarray(res)[1:]  # resid_post[0..L-1]
+    resid = cache.stack("hook_resid_post")  # [L, B, P, d]
+    res = np.asarray(_unembed(model.params, cfg, resid[:, :, [t1, last]]))  # logit lens on resid_post: [L, B, 2, V]
     e2_at_t1 = ranks(res[:, :, 0], ids2) == 0
     e2_at_last = ranks(res[:, :, 1], ids2) == 0
     e3_at_last = ranks(res[:, :, 1], ids3) == 0
@@ -231,7 +232,7 @@ def run(model, report, *, batch: int | None = None, seed: int = 0, quick: bool =
                  "holds if, among correct cases where both are decoded, hop 1's layer is earlier in more than half")
 
     # ---------------------------------------------------------------- 6. Patchscopes
-    decoded = patchscopes(model, g, v, comp, e1, e2, e3, t1, seed)  # [L, 1 + L, B]
+    decoded = patchscopes(model, g, v, np.asarray(resid)[:, :, t1], e1, e2, e3, seed)  # [L, 1 + L, B]
     bridge = (decoded == 2).any((0, 1))
     report.number("patchscopes_bridge_decoded", {"correct": float(bridge[correct].mean()), "incorrect": float(bridge[incorrect].mean())})
     report.section("Patchscopes", (
@@ -264,19 +265,17 @@ def run(model, report, *, batch: int | None = None, seed: int = 0, quick: bool =
                   **{k.split(" ")[0] + "_" + k.split(" ")[1]: s for k, s in stages.items()})
 
 
-def patchscopes(model, g, v, comp, e1, e2, e3, t1, seed) -> np.ndarray:
+def patchscopes(model, g, v, src, e1, e2, e3, seed) -> np.ndarray:
     """[source i, target, example]: 0 none, 1 e1, 2 e2, 3 e3, 4 the placeholder: which entity the
-    identity prompt's next token names after resid_post[i] at e1's token is written at 'x' into the
-    target: column 0 the embedding (resid_pre[0]), column j + 1 resid_post[j]."""
+    identity prompt's next token names after src[i] (resid_post[i] at e1's token, [L, B, d]) is
+    written at 'x' into the target: column 0 the embedding (resid_pre[0]), column j + 1 resid_post[j]."""
     L = model.cfg.n_layers
-    B = len(comp)
+    B = src.shape[1]
     rng = np.random.default_rng(seed + 1)
     used = np.stack([e1, e2, e3], 1)
     abx = np.array([rng.choice(np.setdiff1d(np.arange(len(g.entities)), u), 3, replace=False) for u in used])
     target = v.ids([g.identity_words(a, b, x) for a, b, x in abx])  # x: a placeholder entity, overwritten
     x_pos = target.shape[1] - 2
-    _, cache = model.run_with_cache(comp, names=lambda s: s.endswith("hook_resid_post"))
-    src = np.asarray(cache.stack("hook_resid_post"))[:, :, t1]  # [L, B, d]
     rows = np.tile(target, (L, 1))  # source layer i major
     val = np.zeros(rows.shape + (src.shape[-1],), np.float32)
     val[:, x_pos] = src.reshape(L * B, -1)
