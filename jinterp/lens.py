@@ -72,3 +72,63 @@ def logit_lens(model, tokens, targets=None, positions=-1, k: int = 5, attention_
         out.target_logprob = Labelled(np.asarray(target_lp.mean((1, 2))), ("layer",), lab, name="target log-prob")
         out.target_rank = Labelled(np.asarray(rank.mean((1, 2)), dtype=float), ("layer",), lab, name="target rank")
     return out
+
+
+@dataclasses.dataclass
+class TunedLens:
+    """The tuned lens (Belrose et al. 2023; translators from `jinterp.train.tuned_lens.train`):
+    labels [n] ("0_pre", ..., "final_post"); logits [n, batch, len(positions), d_vocab]; kl:
+    KL(final || tuned lens) per layer and logit_kl: KL(final || logit lens) per layer, both the mean
+    over the batch and the (attention-mask) positions; top: per layer, the top-k (token,
+    probability) of the first example and position."""
+
+    labels: list
+    logits: jax.Array
+    kl: Labelled
+    logit_kl: Labelled
+    top: list
+
+    def __repr__(self):
+        lines = [f"TunedLens: {len(self.labels)} layers, logits {list(self.logits.shape)}; KL to the final distribution:",
+                 f"  {'layer':>12s}  {'tuned':>8s}  {'logit':>8s}  top token (tuned)"]
+        for i, (lab, top) in enumerate(zip(self.labels, self.top)):
+            lines.append(f"  {lab:>12s}  {self.kl.values[i]:8.4f}  {self.logit_kl.values[i]:8.4f}  {top[0][0]!r} ({top[0][1]:.3f})")
+        return "\n".join(lines)
+
+
+def lens_kl(model, tokens, translators=None, positions=-1, attention_mask=None) -> Labelled:
+    """KL(final distribution || lens distribution) per layer ("0_pre", ..., "final_post"), the mean
+    over the batch and the positions (None: all) where attention_mask is 1: the logit lens's when
+    translators is None, else the tuned lens's."""
+    from jinterp.train import tuned_lens as T
+
+    logits, labels, w = T.lens_logits(model, tokens, translators, positions, attention_mask)
+    name = "tuned-lens KL" if translators is not None else "logit-lens KL"
+    return Labelled(np.asarray(T.summarise(logits, w)[0]), ("layer",), (tuple(labels),), name=name)
+
+
+def tuned_lens(model, tokens, translators, positions=-1, k: int = 5, attention_mask=None) -> TunedLens:
+    """Read each layer's residual through its translator, then the final norm and unembedding;
+    positions: an index or list (default the last), None for all. Raises InputError if the
+    translators were fitted for a model with another n_layers or d_model."""
+    from jinterp.model import InputError
+    from jinterp.train import tuned_lens as T
+
+    if translators is None:
+        raise InputError("tuned_lens needs translators (jinterp.train.tuned_lens.train or Translators.load); "
+                         "for the plain logit lens use logit_lens or lens_kl")
+    translators.check(model)
+    stack, labels, w = T.residuals(model, tokens, attention_mask, positions)
+    if not float(w.sum()) > 0:
+        raise InputError("the selected positions are all masked out (attention_mask is 0 there); choose other positions")
+    plain = _unembed(model.params, model.config, stack)
+    tuned = jnp.concatenate([T._translate_jit(translators.A, translators.b, stack[:-1]), stack[-1:]], 0)
+    logits = _unembed(model.params, model.config, tuned)
+    lab = (tuple(labels),)
+    (kl, first), (plain_kl, _) = T.summarise(logits, w), T.summarise(plain, w)
+    kl = Labelled(np.asarray(kl), ("layer",), lab, name="tuned-lens KL")
+    logit_kl = Labelled(np.asarray(plain_kl), ("layer",), lab, name="logit-lens KL")
+    strs = (lambda i: model.tokenizer.decode([int(i)])) if model.tokenizer is not None else str
+    first = np.asarray(first)
+    top = [[(strs(i), float(np.exp(row[i]))) for i in np.argsort(row)[::-1][:k]] for row in first]
+    return TunedLens(list(labels), logits, kl, logit_kl, top)
