@@ -203,3 +203,43 @@ def test_experiment_numbers_by_naive_loops(report, model):
     lg = np.asarray(model(toks, edits=edits), np.float32)[np.arange(len(toks)), end]
     naive = lg[np.arange(len(toks)), ans[:, 0]] - lg[np.arange(len(toks)), ans[:, 1]]
     assert naive.mean() == pytest.approx(doc["numbers"]["F_C"], rel=1e-3, abs=1e-3)
+
+
+def test_experiment_learned_mask_section(report, model):
+    """The learned-mask section: its numbers agree with each other, with the knockout sweep, and with a
+    recomputation of the mask circuit's LD by plain patches."""
+    import jax.numpy as jnp
+
+    from jinterp import edits as E
+
+    out, doc, raw = report
+    num = doc["numbers"]
+    kept = raw["mask_kept"]
+    L, H = kept.shape
+    heads = [f"{l}.{h}" for l, h in np.argwhere(kept)]
+    assert num["mask_heads"] == heads and num["mask_n_kept"] == len(heads) >= 1
+    circuit = {h for hs in num["classes"].values() for h in hs}
+    union, inter = set(heads) | circuit, set(heads) & circuit
+    assert num["mask_jaccard"] == pytest.approx(len(inter) / len(union))
+    assert set(num["mask_only"]) == set(heads) - circuit and set(num["patching_only"]) == circuit - set(heads)
+    assert num["mask_recovered"] == pytest.approx(num["F_mask"] / num["F_M"], rel=1e-6)
+    # the sweep's "mask circuit" cell is the mask's complement
+    i = list(raw["knockout_names"]).index("mask circuit")
+    np.testing.assert_array_equal(raw["knockout_masks"][i] > 0.5, ~kept)
+    assert raw["knockout_logit_diff"][i].mean() == pytest.approx(num["F_mask"], rel=1e-5)
+    # the masked forward at hard gates (inside masks.fit) equals the knockout sweep
+    assert num["mask_metric_kept"] == pytest.approx(num["F_mask"], rel=1e-3, abs=1e-3)
+    # and plain patches: every head outside the mask set to its per-template p_ABC mean
+    toks, abc, ans, end = raw["tokens"], raw["corrupted"], raw["answers"], raw["end"]
+    _, nc = model.run_with_cache(abc, names=lambda n: n.endswith("attn.hook_z"))
+    zmean = data.template_means(np.asarray(nc.stack("attn.hook_z")), raw["template"], raw["abba"], axis=1)
+    edits = [E.patch("attn.hook_z", jnp.asarray(zmean[l]), layers=[l], heads=[int(x) for x in np.nonzero(~kept[l])[0]])
+             for l in range(L) if (~kept[l]).any()]
+    lg = np.asarray(model(toks, edits=edits), np.float32)[np.arange(len(toks)), end]
+    naive = lg[np.arange(len(toks)), ans[:, 0]] - lg[np.arange(len(toks)), ans[:, 1]]
+    assert naive.mean() == pytest.approx(num["F_mask"], rel=1e-3, abs=1e-3)
+    by = {c["name"]: c for c in doc["claims"]}
+    c = by["a learned head mask (hard-concrete L0) finds the patching circuit"]
+    assert c["holds"] == (num["mask_jaccard"] >= 0.5)
+    assert (out / "mask_gates.png").is_file() and (out / "mask_heads.csv").is_file()
+    assert "6. A learned mask" in (out / "report.md").read_text()
