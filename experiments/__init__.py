@@ -32,6 +32,7 @@ EXPERIMENTS = {
     "ioi": "experiments.ioi",
     "ph3": "experiments.ph3",
     "retrieval-heads": "experiments.retrieval_heads",
+    "subspace-illusion": "experiments.subspace_illusion",
 }
 
 

@@ -15,3 +15,15 @@ __all__ = [
     "compile_cache", "distributed", "edits", "load", "sites",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {"das": "jinterp.train.das", "masks": "jinterp.train.masks", "probes": "jinterp.train.probes",
+         "tuned_lens": "jinterp.train.tuned_lens", "patchscopes": "jinterp.patchscopes", "lens": "jinterp.lens"}
+
+
+def __getattr__(name):
+    """jinterp.das, jinterp.probes, ...: imported on first use (they bring optax with them)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(_LAZY[name])
+    raise AttributeError(f"module 'jinterp' has no attribute {name!r}")
