@@ -20,6 +20,11 @@ from jinterp.results import Labelled
 _unembed = jax.jit(arch.unembed, static_argnames=("cfg", "vocab"))
 
 
+def unembed(model, stack):
+    """Residuals [..., d_model] read out through the final norm (each its own scale) and W_U."""
+    return _unembed(model.params, model.config, stack)
+
+
 def layer_logits(model, tokens, positions=-1, attention_mask=None, incl_mid: bool = False):
     """Logits read from the residual entering each layer and from the final one:
     ([n, batch, len(positions), d_vocab], labels like "0_pre", ..., "final_post")."""
@@ -121,9 +126,8 @@ def tuned_lens(model, tokens, translators, positions=-1, k: int = 5, attention_m
     stack, labels, w = T.residuals(model, tokens, attention_mask, positions)
     if not float(w.sum()) > 0:
         raise InputError("the selected positions are all masked out (attention_mask is 0 there); choose other positions")
-    plain = _unembed(model.params, model.config, stack)
-    tuned = jnp.concatenate([T._translate_jit(translators.A, translators.b, stack[:-1]), stack[-1:]], 0)
-    logits = _unembed(model.params, model.config, tuned)
+    plain = unembed(model, stack)
+    logits = unembed(model, T.translate_stack(translators, stack))
     lab = (tuple(labels),)
     (kl, first), (plain_kl, _) = T.summarise(logits, w), T.summarise(plain, w)
     kl = Labelled(np.asarray(kl), ("layer",), lab, name="tuned-lens KL")

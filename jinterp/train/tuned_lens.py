@@ -149,7 +149,7 @@ def residuals(model, tokens, attention_mask=None, positions=None):
 def lens_logits(model, tokens, translators: Translators | None = None, positions=-1, attention_mask=None):
     """(logits [L + 1, B, npos, vocab], labels, weights [B, npos]): the logit lens (translators None)
     or the tuned lens; the last entry is the model's final distribution in both."""
-    from jinterp.lens import _unembed  # the logit lens's own compiled unembedding: identical logits
+    from jinterp.lens import unembed  # the logit lens's own compiled unembedding: identical logits
 
     if translators is not None:
         translators.check(model)
@@ -157,11 +157,16 @@ def lens_logits(model, tokens, translators: Translators | None = None, positions
     if not float(w.sum()) > 0:
         raise InputError("the selected positions are all masked out (attention_mask is 0 there); choose other positions")
     if translators is not None:
-        stack = jnp.concatenate([_translate_jit(translators.A, translators.b, stack[:-1]), stack[-1:]], 0)
-    return _unembed(model.params, model.config, stack), labels, w
+        stack = translate_stack(translators, stack)
+    return unembed(model, stack), labels, w
 
 
 _translate_jit = jax.jit(translate)
+
+
+def translate_stack(translators: Translators, stack):
+    """Residuals [L + 1, ...] (the last one final) -> each of the first L through its translator."""
+    return jnp.concatenate([_translate_jit(translators.A, translators.b, stack[:-1]), stack[-1:]], 0)
 
 
 @jax.jit
