@@ -1,0 +1,57 @@
+"""Sparse dictionaries: SAEs and transcoders from SAELens, Gemma Scope and circuit-tracer, as pytrees.
+
+    sae = jinterp.saes.load("path/to/saelens_dir")        # or a hub id when online
+    f = sae.encode(acts)                                   # [..., d_sae]
+    recon = sae(acts)                                      # decode(encode(x)) [+ skip]
+    jinterp.saes.check(sae, model)                         # its site exists and has width d_in
+
+`Dictionary` / `CrossLayerTranscoder` are `flax.struct` dataclasses: arrays are leaves, so encode,
+decode and call compose with jit, vmap and grad. `to_site` maps the hook names files use (TransformerLens,
+HF module paths, circuit-tracer's bare names) to jinterp's site names.
+"""
+
+from __future__ import annotations
+
+from jinterp.saes.dictionary import CrossLayerTranscoder, Dictionary
+from jinterp.saes.formats import FORMATS, DictionaryError, detect, load
+from jinterp.saes.hooks import site_width, to_site
+
+__all__ = ["CrossLayerTranscoder", "Dictionary", "DictionaryError", "FORMATS", "check", "detect", "load", "site_width",
+           "to_site"]
+
+
+def check(dictionary, model) -> None:
+    """Raise DictionaryError unless `dictionary` fits `model`: its site (and, for a transcoder, its
+    output site) exists at its layer(s), and d_in (d_out) equals that site's width."""
+    from jinterp import sites
+
+    cfg = getattr(model, "config", model)
+    d = dictionary
+    if d.site is None:
+        raise DictionaryError(f"{d!r} does not say which site it reads; load it with hook_name=... (e.g. 'blocks.3.hook_resid_post')")
+    if isinstance(d, CrossLayerTranscoder):
+        layers = list(range(d.n_layers))
+        if d.n_layers != cfg.n_layers:
+            raise DictionaryError(f"this cross-layer transcoder has {d.n_layers} layers but the model has {cfg.n_layers}")
+    elif d.stacked:
+        layers = list(d.layers)
+    else:
+        layers = [d.layer]
+    is_global = d.site in sites.GLOBAL_SITES
+    for layer in layers:
+        for local, width, what in ((d.site, d.d_in, "d_in"), (d.out_site or d.site, d.d_out, "d_out")):
+            if layer is None and local not in sites.GLOBAL_SITES:
+                raise DictionaryError(
+                    f"{d!r} reads the per-layer site {local!r} but no layer is known; load it with layer=..."
+                )
+            name = local if (layer is None or is_global and local == d.site) else f"blocks.{layer}.{local}"
+            try:
+                sites.parse(cfg, name)
+            except sites.SiteError as e:
+                raise DictionaryError(f"the dictionary's site does not fit this model: {e}") from e
+            need = site_width(cfg, local)
+            if width != need:
+                raise DictionaryError(
+                    f"dictionary {what}={width} but site {name!r} of this model has width {need}; "
+                    "this dictionary was trained on another model or site"
+                )
