@@ -55,7 +55,7 @@ from jinterp.edits.values import Value
 __all__ = [
     "Add", "At", "Edit", "EditError", "Edits", "Knockout", "Op", "Project", "Scale", "Set", "SetWhere", "StopGradient",
     "Value", "Where", "apply", "edit", "first_col", "first_layer", "knockout", "mean_ablate", "member", "patch",
-    "resample_ablate", "scale", "selector", "site_shape", "steer", "stop_gradient", "subspace_patch",
+    "resample_ablate", "scale", "selector", "site_shape", "splice", "steer", "stop_gradient", "subspace_patch",
     "uniform_attention", "Uniform", "validate", "zero_ablate",
 ]
 
@@ -167,3 +167,11 @@ def uniform_attention(*, layers=None, heads=None, pos="decode") -> Edit:
     (pre-softmax scores set to 0), on decoding steps only by default (pos="decode": the last prompt
     token and every generated one; prefill rows are left alone). `pos=None` masks every row."""
     return edit("attn.hook_attn_scores", Uniform(), layers=layers, pos=pos, heads=heads)
+
+
+def splice(sae, **kw) -> Edit:
+    """Splice a dictionary (jinterp.saes) in at its site: its reconstruction plus the error term,
+    with feature-level ablate / clamp / steer (see jinterp.saes.splice.splice)."""
+    from jinterp.saes.splice import splice as _splice
+
+    return _splice(sae, **kw)

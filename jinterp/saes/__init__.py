@@ -4,6 +4,7 @@
     f = sae.encode(acts)                                   # [..., d_sae]
     recon = sae(acts)                                      # decode(encode(x)) [+ skip]
     jinterp.saes.check(sae, model)                         # its site exists and has width d_in
+    model(tokens, edits=[jinterp.edits.splice(sae, ablate=[12])])   # spliced in, error term kept
 
 `Dictionary` / `CrossLayerTranscoder` are `flax.struct` dataclasses: arrays are leaves, so encode,
 decode and call compose with jit, vmap and grad. `to_site` maps the hook names files use (TransformerLens,
@@ -15,9 +16,10 @@ from __future__ import annotations
 from jinterp.saes.dictionary import CrossLayerTranscoder, Dictionary
 from jinterp.saes.formats import FORMATS, DictionaryError, detect, load
 from jinterp.saes.hooks import site_width, to_site
+from jinterp.saes.splice import Splice, ablation_sweep, acts_name, feature_attribution, run_with_features, splice
 
-__all__ = ["CrossLayerTranscoder", "Dictionary", "DictionaryError", "FORMATS", "check", "detect", "load", "site_width",
-           "to_site"]
+__all__ = ["CrossLayerTranscoder", "Dictionary", "DictionaryError", "FORMATS", "Splice", "ablation_sweep", "acts_name",
+           "check", "detect", "feature_attribution", "load", "run_with_features", "site_width", "splice", "to_site"]
 
 
 def check(dictionary, model) -> None:
