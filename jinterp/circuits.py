@@ -138,7 +138,7 @@ def head_weights(model, fold_ln: bool = True) -> HeadWeights:
     cfg = model.config
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     Wq, Wk, Wv, Wo = f32(model.W_Q), _expand_kv(f32(model.W_K), cfg), _expand_kv(f32(model.W_V), cfg), f32(model.W_O)
-    if fold_ln:
+    if fold_ln and cfg.pre_norms:  # no norm reads the residual before attention (OLMo 2): nothing to fold
         w = f32(model.ln1_w)[:, None, :, None]  # [L, 1, D, 1]
         Wq, Wk, Wv = Wq * w, Wk * w, Wv * w
         if cfg.norm == "layernorm":
@@ -347,7 +347,7 @@ def rescale_components(model, layer: int, head: int, components, factor=0.0, kin
         u, _, _ = FactoredMatrix(hw.W_Q[layer, head], hw.W_K[layer, head].T).svd()
         uc = u[:, comps]  # [D, k] query-side directions of the folded QK
         W_Q = jnp.asarray(model.W_Q[layer, head], jnp.float32)
-        w = jnp.asarray(model.ln1_w[layer], jnp.float32) if fold_ln else jnp.ones(cfg.d_model)
+        w = jnp.asarray(model.ln1_w[layer], jnp.float32) if fold_ln and cfg.pre_norms else jnp.ones(cfg.d_model)
         # folded: diag(w) W_Q -> (I + (f-1) u u^T) diag(w) W_Q; unfold: W_Q' = diag(1/w) (...)
         Wf = w[:, None] * W_Q
         new = (Wf + (f - 1.0) * uc @ (uc.T @ Wf)) / w[:, None]

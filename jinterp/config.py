@@ -23,7 +23,12 @@ ROPE_TYPES = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Phi-3: short_factor / long_factor divide the frequencies (one per frequency); a sequence uses the long
+    # set once its last position reaches original_max_position_embeddings (decided per call and row, as HF
+    # decides per call); attention_factor multiplies cos and sin
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
 }
+QK_NORM_SCOPES = ("head", "all")
 # "highest": fp32 matmuls stay exact on GPU/TPU; "default": the backend may use TF32 / bf16 passes
 MATMUL_PRECISIONS = ("highest", "default")
 SIZES = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "d_vocab", "n_ctx")
@@ -57,8 +62,15 @@ class Config:
     act: str = "gelu_new"  # one of ACTIVATIONS
     mlp: str = "dense"  # one of MLPS
     parallel_residual: bool = False
-    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
-    post_norms: bool = False  # extra norms after attention and MLP outputs (Gemma 2)
+    qk_norm: bool = False  # RMSNorm on q and k after their projections (Qwen3, OLMo 2)
+    # "head": over each head's d_head dims, weights [L, dh] (Qwen3); "all": over all heads of q (of k) at
+    # once, weights [L, H, dh] / [L, Hkv, dh] (OLMo 2)
+    qk_norm_scope: str = "head"
+    rotary_interleaved: bool = False  # rotate pairs (2i, 2i+1) (GPT-J's rotate_every_two), not halves
+    pre_norms: bool = True  # norms ln1 / ln2 on the residual before attention / MLP; False: OLMo 2
+    post_norms: bool = False  # extra norms after attention and MLP outputs (Gemma 2, OLMo 2)
+    # parallel residual where the MLP reads ln1's output as attention does, no ln2 (GPT-J)
+    shared_norm: bool = False
     attn_scale: float | None = None  # multiplies q.k; None means d_head ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -72,7 +84,8 @@ class Config:
         """Check every option here, so a bad config fails when built, not deep inside a trace."""
         # JSON and HF give lists and dicts; keep the config hashable
         scaling = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
-        object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in scaling)))
+        hashable = lambda v: tuple(v) if isinstance(v, (list, tuple, np.ndarray)) else v  # longrope's factor lists
+        object.__setattr__(self, "rope_scaling", tuple(sorted((k, hashable(v)) for k, v in scaling)))
         object.__setattr__(self, "windows", tuple(self.windows))
         for f in SIZES:
             v = getattr(self, f)
@@ -85,6 +98,9 @@ class Config:
         _check_choice("act", self.act, ACTIVATIONS)
         _check_choice("mlp", self.mlp, MLPS)
         _check_choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        if self.shared_norm and not (self.parallel_residual and self.pre_norms):
+            raise ValueError("shared_norm (the MLP reads ln1's output) needs parallel_residual=True and pre_norms=True")
         if self.positional == "rotary" and not (0 < self.rotary_dim <= self.d_head and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim must be even and in 2..d_head ({self.d_head}) for rotary positions, got {self.rotary_dim}")
         s = dict(self.rope_scaling)
@@ -93,6 +109,10 @@ class Config:
         missing = [k for k in ROPE_TYPES[kind] if k not in s]
         if missing:
             raise ValueError(f"rope_type {kind!r} needs rope_scaling keys {', '.join(ROPE_TYPES[kind])}; missing {', '.join(missing)}")
+        if kind == "longrope":
+            for k in ("short_factor", "long_factor"):
+                if len(s[k]) != self.rotary_dim // 2:
+                    raise ValueError(f"longrope {k} needs rotary_dim // 2 = {self.rotary_dim // 2} entries, got {len(s[k])}")
         if self.windows and len(self.windows) != self.n_layers:
             raise ValueError(f"windows lists {len(self.windows)} entries; it needs one per layer (n_layers={self.n_layers}) or none")
         if any(not isinstance(w, (int, np.integer)) or w < 0 for w in self.windows):
@@ -115,13 +135,18 @@ class Config:
         return dataclasses.replace(self, **kw)
 
 
-def rope_inv_freq(cfg: Config) -> np.ndarray:
-    """Inverse frequencies [rotary_dim // 2] and the cos/sin multiplier, as HF computes them."""
+def rope_inv_freq(cfg: Config, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] as HF computes them (for longrope, the short set unless
+    long; rope_attention_factor gives longrope's cos/sin multiplier)."""
     dim = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    inv = inv.astype(np.float32)
+    shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     s = dict(cfg.rope_scaling)
     kind = s.get("rope_type", "default")
+    if kind == "longrope":
+        ext = np.asarray(s["long_factor" if long else "short_factor"], np.float32)
+        return (1.0 / (ext * np.float32(cfg.rope_theta) ** shape)).astype(np.float32)
+    inv = 1.0 / (cfg.rope_theta ** shape)
+    inv = inv.astype(np.float32)
     if kind == "linear":
         inv = inv / np.float32(s["factor"])
     elif kind == "llama3":
@@ -135,3 +160,8 @@ def rope_inv_freq(cfg: Config) -> np.ndarray:
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         inv = np.where(medium, smoothed, out).astype(np.float32)
     return inv
+
+
+def rope_attention_factor(cfg: Config) -> float:
+    """The multiplier on cos and sin (longrope's attention_factor; 1 otherwise)."""
+    return float(dict(cfg.rope_scaling).get("attention_factor", 1.0))

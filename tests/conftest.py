@@ -47,7 +47,16 @@ SLOW_PREFIXES = ("tests/test_patching.py::test_layer_pos_recipes[mistral-sliding
                  "tests/test_patching.py::test_head_by_pos_recipes[mistral-sliding-")
 
 
+# zoo variants (tests/hf_zoo.py) whose every test in a module is slow: a default-run variant covers the family
+SLOW_ZOO = {"tests/test_parity.py": {"phi3-sliding"}}
+
+
+def _slow_zoo(item) -> bool:
+    spec = getattr(item, "callspec", None)
+    return spec is not None and spec.id in SLOW_ZOO.get(item.nodeid.split("::")[0], ())
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid in SLOW_VARIANTS or item.nodeid.startswith(SLOW_PREFIXES):
+        if item.nodeid in SLOW_VARIANTS or item.nodeid.startswith(SLOW_PREFIXES) or _slow_zoo(item):
             item.add_marker(pytest.mark.slow)

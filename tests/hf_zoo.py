@@ -64,6 +64,23 @@ VARIANTS = {
         dict(num_key_value_heads=2, head_dim=12, sliding_window=4, query_pre_attn_scalar=10,
              attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **LLAMA),
     ),
+    # no pre-norms, post-norms on attention and MLP outputs, QK-norm over all heads at once, biases on q/k/v/o
+    "olmo2-postnorm-qknorm": (tf.Olmo2Config, dict(num_key_value_heads=2, attention_bias=True, **LLAMA)),
+    # fused qkv / gate_up, rotary on half of each head, longrope: SEQ (12) > original_max_position_embeddings
+    # (8) takes the long factors, the shorter padded rows and the prefill of generation the short ones, and
+    # generation crosses over mid-way
+    "phi3-partial-longrope": (
+        tf.Phi3Config,
+        dict(num_key_value_heads=2, original_max_position_embeddings=8, pad_token_id=0, partial_rotary_factor=0.5,
+             rope_parameters={"rope_type": "longrope", "rope_theta": 1000.0, "short_factor": [1.0, 1.7],
+                              "long_factor": [3.0, 7.5]}, **LLAMA),
+    ),
+    # default rotary, every layer sliding (slow variant: the default run covers phi3 with phi3-partial-longrope)
+    "phi3-sliding": (tf.Phi3Config, dict(num_key_value_heads=4, sliding_window=4, pad_token_id=0, **LLAMA)),
+    # one LayerNorm feeding parallel attention and MLP, interleaved rotary on 6 of 8 dims per head, MLP and lm_head biases
+    "gptj-parallel-interleaved": (
+        tf.GPTJConfig, dict(n_layer=3, n_embd=32, n_head=4, rotary_dim=6, n_inner=40, vocab_size=V, n_positions=64),
+    ),
 }
 
 MODEL_CLASS = {
@@ -75,6 +92,9 @@ MODEL_CLASS = {
     tf.Qwen3Config: tf.Qwen3ForCausalLM,
     tf.GemmaConfig: tf.GemmaForCausalLM,
     tf.Gemma2Config: tf.Gemma2ForCausalLM,
+    tf.Olmo2Config: tf.Olmo2ForCausalLM,
+    tf.Phi3Config: tf.Phi3ForCausalLM,
+    tf.GPTJConfig: tf.GPTJForCausalLM,
 }
 
 
@@ -115,7 +135,8 @@ def capture(model, tokens, attention_mask=None):
         hooks.append(layer.register_forward_hook(lambda m, a, o: rec["resid_post"].append(first(o))))
         attn = getattr(layer, "attn", None) or getattr(layer, "attention", None) or layer.self_attn
         mlp = layer.mlp
-        post_attn = getattr(layer, "post_attention_layernorm", None) if hasattr(layer, "pre_feedforward_layernorm") else None
+        # with post-norms (Gemma 2, OLMo 2) post_attention_layernorm normalises the attention output
+        post_attn = getattr(layer, "post_attention_layernorm", None) if hasattr(layer, "post_feedforward_layernorm") else None
         post_mlp = getattr(layer, "post_feedforward_layernorm", None)
         hooks.append((post_attn or attn).register_forward_hook(lambda m, a, o: rec["attn_out"].append(first(o))))
         hooks.append((post_mlp or mlp).register_forward_hook(lambda m, a, o: rec["mlp_out"].append(first(o))))

@@ -129,3 +129,15 @@ def test_param_shapes_and_sites_from_the_config_alone(pair):
     assert ("attn.hook_rot_q" in local) == (m.cfg.positional == "rotary")
     assert ("mlp.hook_pre_linear" in local) == ("W_gate" in m.params["blocks"]["mlp"])
     assert ("hook_resid_mid" in local) == (not m.cfg.parallel_residual)
+
+
+@pytest.mark.parametrize("cls,kw,match", [
+    # longrope is implemented (phi3-partial-longrope); other scalings that change the frequencies are not
+    # a rotary scaling jinterp does not implement is named, never replaced by another
+    (hf_zoo.tf.LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, **hf_zoo.LLAMA),
+     "rotary scaling 'dynamic' is not supported"),
+])
+def test_unsupported_options_are_named(tmp_path, cls, kw, match):
+    cls(**kw).save_pretrained(str(tmp_path))
+    with pytest.raises(jinterp.UnsupportedArchitecture, match=match):
+        jinterp.load(str(tmp_path))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jinterp.config import Config, rope_inv_freq
+from jinterp.config import Config, rope_attention_factor, rope_inv_freq
 
 F32 = jnp.float32
 
@@ -94,26 +94,59 @@ def norm(ctx: Ctx, p, x, name, layer, cols, acts):
     return y
 
 
-def _rms_heads(x, w, eps):
+def _rms_heads(x, w, eps, scope="head"):
+    """QK-norm on x [B, S, heads, dh]: RMSNorm over each head's dims ("head", w [dh]) or over all heads
+    at once ("all", w [heads, dh])."""
     xf = x.astype(F32)
-    xf = xf * lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)
+    axes = (-1,) if scope == "head" else (-2, -1)
+    xf = xf * lax.rsqrt((xf * xf).mean(axes, keepdims=True) + eps)
     return (w.astype(F32) * xf).astype(x.dtype)
 
 
-def rotate(cfg: Config, x, pos):
-    """Rotary embedding on the first rotary_dim dims of each head (HF rotate_half convention).
+def rotate(cfg: Config, x, pos, long=None):
+    """Rotary embedding on the first rotary_dim dims of each head (HF rotate_half convention, or
+    GPT-J's rotate_every_two when cfg.rotary_interleaved).
 
-    x: [B, S, heads, dh]; pos: [B, S] position ids.
+    x: [B, S, heads, dh]; pos: [B, S] position ids; long: [B] bool, rows that use longrope's long
+    frequencies (None: the default / short set).
     """
     inv = jnp.asarray(rope_inv_freq(cfg))
-    ang = pos.astype(F32)[..., None] * inv  # [B, S, rd/2]
-    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-    cos, sin = jnp.cos(ang).astype(x.dtype), jnp.sin(ang).astype(x.dtype)
+    if long is None:
+        ang = pos.astype(F32)[..., None] * inv  # [B, S, rd/2]
+    else:
+        inv = jnp.where(long[:, None], jnp.asarray(rope_inv_freq(cfg, long=True)), inv)  # [B, rd/2]
+        ang = pos.astype(F32)[..., None] * inv[:, None, :]
+    if cfg.rotary_interleaved:
+        ang = jnp.repeat(ang, 2, axis=-1)[:, :, None, :]
+    else:
+        ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    factor = rope_attention_factor(cfg)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     rd = cfg.rotary_dim
     xr, xp = x[..., :rd], x[..., rd:]
-    half = rd // 2
-    rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], -1)
+    if cfg.rotary_interleaved:
+        rot = jnp.stack([-xr[..., 1::2], xr[..., ::2]], -1).reshape(xr.shape)
+    else:
+        half = rd // 2
+        rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], -1)
     return jnp.concatenate([xr * cos + rot * sin, xp], -1)
+
+
+def _longrope_rows(ctx: Ctx, cols):
+    """[B] bool: rows whose sequence so far (real tokens up to the last of the columns `cols` being
+    computed) is longer than longrope's original_max_position_embeddings, so they rotate with the long
+    factors. transformers decides per call from the largest position id (and its Phi-3 generation
+    recomputes the cache once a sequence outgrows the limit, as arch.generate does); deciding per row
+    gives each sequence of a padded batch what transformers gives it alone. None unless longrope."""
+    s = dict(ctx.cfg.rope_scaling)
+    if s.get("rope_type") != "longrope":
+        return None
+    upto = ctx.key_valid & (jnp.arange(ctx.key_valid.shape[1]) <= cols[-1])[None]
+    last = jnp.max(jnp.where(upto, ctx.pos_ids, -1), axis=1)
+    return last + 1 > s["original_max_position_embeddings"]
 
 
 def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
@@ -132,11 +165,12 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     k = ctx.site("attn.hook_k", k, layer, cols, acts)
     v = ctx.site("attn.hook_v", v, layer, cols, acts)
     if cfg.qk_norm:
-        q = _rms_heads(q, p["q_norm"]["w"], cfg.norm_eps)
-        k = _rms_heads(k, p["k_norm"]["w"], cfg.norm_eps)
+        q = _rms_heads(q, p["q_norm"]["w"], cfg.norm_eps, cfg.qk_norm_scope)
+        k = _rms_heads(k, p["k_norm"]["w"], cfg.norm_eps, cfg.qk_norm_scope)
     if cfg.positional == "rotary":
-        q = ctx.site("attn.hook_rot_q", rotate(cfg, q, jnp.take(ctx.pos_ids, qcols, axis=1)), layer, qcols, acts)
-        k = ctx.site("attn.hook_rot_k", rotate(cfg, k, jnp.take(ctx.pos_ids, cols, axis=1)), layer, cols, acts)
+        long = _longrope_rows(ctx, cols)
+        q = ctx.site("attn.hook_rot_q", rotate(cfg, q, jnp.take(ctx.pos_ids, qcols, axis=1), long), layer, qcols, acts)
+        k = ctx.site("attn.hook_rot_k", rotate(cfg, k, jnp.take(ctx.pos_ids, cols, axis=1), long), layer, cols, acts)
     if kv is None:
         keys, vals, kcols = k, v, cols
     else:
@@ -195,28 +229,39 @@ def block(ctx: Ctx, p, x, layer, cols, kv=None, qsel=None, z=None):
     acts: dict[str, Any] = {}
     if z is None:
         x = ctx.site("hook_resid_pre", x, layer, cols, acts)
-        a, kv = attention(ctx, p["attn"], norm(ctx, p["ln1"], x, "ln1", layer, cols, acts), layer, cols, qsel, kv, acts)
+        h = _pre_norm(ctx, p, "ln1", x, layer, cols, acts)
+        a, kv = attention(ctx, p["attn"], h, layer, cols, qsel, kv, acts)
         if qsel is not None:
             x, cols = x[:, qsel], cols[qsel]
+            h = h[:, qsel]
     else:
         a = attn_output(ctx, p["attn"], z, layer, cols, acts)
-    return _after_attention(ctx, p, x, a, layer, cols, acts), kv, acts
+        # resuming from z: the shared norm's output is recomputed (with no edit before attn.hook_z it is the same)
+        h = _pre_norm(ctx, p, "ln1", x, layer, cols, {}) if ctx.cfg.shared_norm else None
+    return _after_attention(ctx, p, x, a, layer, cols, acts, h), kv, acts
 
 
-def _after_attention(ctx: Ctx, p, x, a, layer, cols, acts):
+def _pre_norm(ctx: Ctx, p, name, x, layer, cols, acts):
+    """The norm a sublayer reads the residual through (the residual itself without pre-norms)."""
+    return norm(ctx, p[name], x, name, layer, cols, acts) if ctx.cfg.pre_norms else x
+
+
+def _after_attention(ctx: Ctx, p, x, a, layer, cols, acts, h1=None):
+    """h1: ln1's output at rows `cols`, which the MLP reads under cfg.shared_norm."""
     cfg = ctx.cfg
     if cfg.post_norms:
         a = norm(ctx, p["ln1_post"], a, "ln1_post", layer, cols, acts)
     a = ctx.site("hook_attn_out", a, layer, cols, acts)
     if cfg.parallel_residual:
-        m = mlp(ctx, p["mlp"], norm(ctx, p["ln2"], x, "ln2", layer, cols, acts), layer, cols, acts)
+        h2 = h1 if cfg.shared_norm else _pre_norm(ctx, p, "ln2", x, layer, cols, acts)
+        m = mlp(ctx, p["mlp"], h2, layer, cols, acts)
         if cfg.post_norms:
             m = norm(ctx, p["ln2_post"], m, "ln2_post", layer, cols, acts)
         m = ctx.site("hook_mlp_out", m, layer, cols, acts)
         x = (m + a) + x
     else:
         x = ctx.site("hook_resid_mid", x + a, layer, cols, acts)
-        m = mlp(ctx, p["mlp"], norm(ctx, p["ln2"], x, "ln2", layer, cols, acts), layer, cols, acts)
+        m = mlp(ctx, p["mlp"], _pre_norm(ctx, p, "ln2", x, layer, cols, acts), layer, cols, acts)
         if cfg.post_norms:
             m = norm(ctx, p["ln2_post"], m, "ln2_post", layer, cols, acts)
         m = ctx.site("hook_mlp_out", m, layer, cols, acts)

@@ -121,15 +121,34 @@ def generate(
         return tok, done
 
     tok, done = pick(logits, keys[0], done)
+    scaling = dict(cfg.rope_scaling)
+    longrope = scaling.get("rope_type") == "longrope"
+
+    def rebuild(kv, buf, cur):
+        """Recompute every column up to `cur` (as transformers' Phi-3 drops its cache when a sequence
+        first outgrows original_max_position_embeddings: the cached keys were rotated with the short factors)."""
+        cols = jnp.arange(T)
+        ctx_now = D.Ctx(cfg, edits, None, n_prompt=P, n_keys=T, pos_ids=pos_ids, key_valid=key_valid & (cols <= cur)[None])
+        x = D.embed(ctx_now, params, buf, cols, {})
+        x, kv, _ = D.run_stack(ctx_now, params["blocks"], x, cols, kv=kv, want_kv=True)
+        x = lax.dynamic_slice_in_dim(x, cur, 1, axis=1)
+        return D.final(ctx_now, params, x, cur[None], {})[:, 0], kv
 
     def body(carry, t):
-        kv, tok, done = carry
-        logits, kv = step(kv, tok[:, None], (P + t)[None])
+        kv, tok, done, buf = carry
+        cur = P + t
+        if longrope:
+            buf = lax.dynamic_update_slice_in_dim(buf, tok[:, None].astype(buf.dtype), cur, axis=1)
+            crossing = jnp.any(pos_ids[:, cur] == scaling["original_max_position_embeddings"])
+            logits, kv = lax.cond(crossing, lambda kv: rebuild(kv, buf, cur), lambda kv: step(kv, tok[:, None], cur[None]), kv)
+        else:
+            logits, kv = step(kv, tok[:, None], cur[None])
         nxt, done = pick(logits, keys[t + 1], done)
-        return (kv, nxt, done), tok
+        return (kv, nxt, done, buf), tok
 
     if max_new_tokens > 1:
-        (kv, last, done), out = lax.scan(body, (kv, tok, done), jnp.arange(max_new_tokens - 1))
+        buf = jnp.zeros((B, T), tokens.dtype).at[:, :P].set(tokens) if longrope else None
+        (kv, last, done, _), out = lax.scan(body, (kv, tok, done, buf), jnp.arange(max_new_tokens - 1))
         return jnp.concatenate([out.T, last[:, None]], axis=1)
     return tok[:, None]
 

@@ -1,12 +1,14 @@
 """The parameter pytree: its shapes from a config alone, and TransformerLens-style weight names.
 
     embed.W_E [V, D]            pos_embed.W_pos [n_ctx, D]           (learned positions only)
-    blocks.ln1.{w,b} [L, D]     blocks.ln2.{w,b}                     (b only for LayerNorm)
-    blocks.ln1_post.w, blocks.ln2_post.w                             (post-norms, Gemma 2)
+    blocks.ln1.{w,b} [L, D]     blocks.ln2.{w,b}                     (b only for LayerNorm; none without
+                                                                     pre-norms (OLMo 2), no ln2 with a shared norm (GPT-J))
+    blocks.ln1_post.w, blocks.ln2_post.w                             (post-norms, Gemma 2, OLMo 2)
     blocks.attn.W_Q [L, H, D, dh]     b_Q [L, H, dh]
     blocks.attn.W_K [L, Hkv, D, dh]   b_K [L, Hkv, dh]   W_V, b_V likewise
     blocks.attn.W_O [L, H, dh, D]     b_O [L, D]
     blocks.attn.q_norm.w, k_norm.w [L, dh]                           (QK-norm, Qwen3)
+        or [L, H, dh], [L, Hkv, dh]                                  (QK-norm over all heads, OLMo 2)
     blocks.mlp.W_in [L, D, F]  b_in [L, F]  W_gate, b_gate (gated)  W_out [L, F, D]  b_out [L, D]
     ln_final.{w,b} [D]          unembed.W_U [D, V]   unembed.b_U [V]
 
@@ -79,12 +81,17 @@ def param_shapes(cfg: Config, dtype=jnp.float32) -> dict:
         "b_Q": s(L, H, dh), "b_K": s(L, K, dh), "b_V": s(L, K, dh), "b_O": s(L, D),
     }
     if cfg.qk_norm:
-        attn["q_norm"] = {"w": s(L, dh)}
-        attn["k_norm"] = {"w": s(L, dh)}
+        per_head = cfg.qk_norm_scope == "head"
+        attn["q_norm"] = {"w": s(L, dh) if per_head else s(L, H, dh)}
+        attn["k_norm"] = {"w": s(L, dh) if per_head else s(L, K, dh)}
     mlp = {"W_in": s(L, D, F), "b_in": s(L, F), "W_out": s(L, F, D), "b_out": s(L, D)}
     if cfg.mlp == "gated":
         mlp.update(W_gate=s(L, D, F), b_gate=s(L, F))
-    blocks = {"ln1": norm(L), "ln2": norm(L), "attn": attn, "mlp": mlp}
+    blocks = {"attn": attn, "mlp": mlp}
+    if cfg.pre_norms:
+        blocks["ln1"] = norm(L)
+        if not cfg.shared_norm:
+            blocks["ln2"] = norm(L)
     if cfg.post_norms:
         blocks.update(ln1_post={"w": s(L, D)}, ln2_post={"w": s(L, D)})
     out = {"embed": {"W_E": s(V, D)}, "blocks": blocks, "ln_final": norm(), "unembed": {"W_U": s(D, V), "b_U": s(V)}}

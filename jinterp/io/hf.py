@@ -4,6 +4,7 @@ family files share (attributes under several names, rotary settings, per-layer s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Collection
 
@@ -71,6 +72,20 @@ def rope_settings(hf, head_dim: int) -> dict:
             keep[k] = float(scaling[k])
         keep["original_max_position_embeddings"] = int(
             scaling.get("original_max_position_embeddings") or hf.max_position_embeddings
+        )
+    elif kind == "longrope":
+        # as transformers' _compute_longrope_parameters: factor defaults to max / original positions, and
+        # attention_factor to sqrt(1 + ln(factor) / ln(original)) (1 when factor <= 1)
+        orig = int(scaling.get("original_max_position_embeddings") or hf_attr(hf, "original_max_position_embeddings"))
+        factor = scaling.get("factor") or hf.max_position_embeddings / orig
+        attn = scaling.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        keep.update(
+            short_factor=tuple(float(f) for f in scaling["short_factor"]),
+            long_factor=tuple(float(f) for f in scaling["long_factor"]),
+            original_max_position_embeddings=orig,
+            attention_factor=float(attn),
         )
     elif kind not in ROPE_TYPES:
         raise UnsupportedArchitecture(f"rotary scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")

@@ -1,6 +1,6 @@
 """Llama 1/2/3: RMSNorm, gated SiLU MLP, GQA/MQA, rotary (default, linear, llama3 scaling).
 
-The mapping here is shared by the Llama-like families (Mistral, Qwen2, Qwen3, Gemma, Gemma 2),
+The mapping here is shared by the Llama-like families (Mistral, Qwen2, Qwen3, Gemma, Gemma 2, OLMo 2),
 whose files only set their own knobs.
 """
 
@@ -79,9 +79,12 @@ def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, nor
         "b_V": bias("self_attn.v_proj.bias", (K, dh), qkv_bias),
         "b_O": bias("self_attn.o_proj.bias", (D,), o_bias),
     }
-    if c.qk_norm:
+    if c.qk_norm and c.qk_norm_scope == "head":
         attn["q_norm"] = {"w": norm_w(pre + "self_attn.q_norm.weight", dh)}
         attn["k_norm"] = {"w": norm_w(pre + "self_attn.k_norm.weight", dh)}
+    elif c.qk_norm:  # one norm over all heads: [heads * dh] -> [heads, dh]
+        for n, heads in (("q_norm", H), ("k_norm", K)):
+            attn[n] = {"w": r.stack(pre + f"self_attn.{n}.weight", L, (heads * dh,), lambda w, h=heads: w.reshape(h, dh))}
     blocks["attn"] = attn
     blocks["mlp"] = {
         "W_gate": mlp_w("gate_proj", (F, D)),
