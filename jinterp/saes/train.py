@@ -1,0 +1,643 @@
+"""Training sparse dictionaries in JAX: SAEs (ReLU + L1, TopK, JumpReLU) and per-layer transcoders.
+
+One dictionary per layer, all layers trained at once: the parameters carry a leading layer axis,
+the loss is `vmap`ped over it, and each step is one jitted program that runs the model on the
+next token batch (recording only the site at the requested layers) and takes one optax step for
+every layer's dictionary. Activations are streamed, never stored.
+
+    run = train.fit(model, batches, site="hook_resid_post", architecture="topk", d_sae=256, k=8,
+                    steps=500, batch_size=32)
+    run.dictionary                # stacked Dictionary, leaves [L, ...]; run[1] is layer 1's
+    run.history["explained_variance"]      # [n_logged, L], also loss, mse, l0, dead_fraction
+    run.evaluate(model, held_out)          # {layer: {l0, explained_variance, ce_loss_recovered, ...}}
+    run.save("out/")                       # out/blocks.{l}.{site}/ in the SAELens format + metrics.json
+    train.save_saelens(run[0], "one_sae/")  # one layer, SAELens 6 layout; SAE.load_from_disk reads it
+
+Per layer l, on activations x [N, d_in] (and, for a transcoder, targets y [N, d_out]; y = x for an SAE):
+
+    x, y scaled by s_in = sqrt(d_in) / E|x|, s_out = sqrt(d_out) / E|y| (from the first batch;
+        `normalize=False` turns this off), folded back into the weights when training ends
+    pre   = (x - b_dec [SAE only]) @ W_enc + b_enc
+    relu      f = relu(pre);                loss = E|y - f W_dec - b_dec|^2 + l1 * E sum_i f_i
+    topk      f = relu(top_k(pre, k));      loss = E|y - f W_dec - b_dec|^2
+    jumprelu  f = pre * H(pre - theta);     loss = E|y - ...|^2 + l0 * E sum_i H(pre_i - theta_i)
+              theta = exp(log_theta); H's gradient with respect to theta is the straight-through
+              estimate -(1/eps) rect((pre - theta)/eps) (Rajamanoharan et al. 2024, eps = bandwidth)
+
+(E: the mean over tokens, |.|^2 summed over the width.) Initialisation as in SAELens: decoder rows
+random unit vectors, W_enc = W_dec^T (transcoders: an independent random W_enc with unit columns),
+b_enc = 0, b_dec = the mean of the first batch (of y). After every step the decoder rows are
+renormalised to unit norm (the constraint of Bricken et al. 2023; we do not use the April-2024
+variant that weights the L1 by decoder norms), so the saved W_dec has unit rows.
+
+Dead features: per layer, the number of steps since each feature last fired on a batch; a feature
+is dead when that reaches `dead_window`. History records the dead fraction (no resampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jinterp import arch
+from jinterp import edits as E
+from jinterp import sites as S
+from jinterp.saes.dictionary import Dictionary
+from jinterp.saes.formats import DictionaryError
+
+ARCHITECTURES = ("relu", "topk", "jumprelu")
+_OURS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens cfg.json layout written (v6: provenance under "metadata")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of one step
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _jump(pre, theta, eps):
+    """JumpReLU pre * H(pre - theta); gradient to pre through the identity where it fires, to theta
+    by the straight-through estimate -(theta/eps) rect((pre - theta)/eps)."""
+    return pre * (pre > theta)
+
+
+def _jump_fwd(pre, theta, eps):
+    return _jump(pre, theta, eps), (pre, theta)
+
+
+def _jump_bwd(eps, res, g):
+    pre, theta = res
+    rect = (jnp.abs((pre - theta) / eps) < 0.5).astype(pre.dtype)
+    return g * (pre > theta), g * (-(theta / eps) * rect)
+
+
+_jump.defvjp(_jump_fwd, _jump_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _step_fn(pre, theta, eps):
+    """Heaviside H(pre - theta); no gradient to pre, -(1/eps) rect((pre - theta)/eps) to theta."""
+    return (pre > theta).astype(pre.dtype)
+
+
+def _step_fwd(pre, theta, eps):
+    return _step_fn(pre, theta, eps), (pre, theta)
+
+
+def _step_bwd(eps, res, g):
+    pre, theta = res
+    rect = (jnp.abs((pre - theta) / eps) < 0.5).astype(pre.dtype)
+    return jnp.zeros_like(pre), g * (-(1.0 / eps) * rect)
+
+
+_step_fn.defvjp(_step_fwd, _step_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about a run: it keys the compiled step."""
+
+    cfg: object
+    record: tuple
+    site: str
+    out_site: str
+    layers: tuple
+    architecture: str
+    k: int | None
+    bandwidth: float
+    skip_bos: bool
+    transcoder: bool
+    optimizer: object
+
+
+def _acts(model_params, tokens, spec: _Spec):
+    """Site activations at every trained layer: x [L, N, d_in], y [L, N, d_out] (y is x for an SAE)."""
+    _, acts = arch.forward(model_params, tokens, None, (), cfg=spec.cfg, record=spec.record)
+
+    def grab(local):
+        a = acts[local]  # [L_recorded, B, P, ...]
+        rec = dict(spec.record)[local]
+        a = a[jnp.asarray([rec.index(l) for l in spec.layers])] if tuple(rec) != spec.layers else a
+        if spec.skip_bos:
+            a = a[:, :, 1:]
+        return jax.lax.stop_gradient(a.reshape(a.shape[0], a.shape[1] * a.shape[2], -1).astype(jnp.float32))
+
+    x = grab(spec.site)
+    return x, (grab(spec.out_site) if spec.transcoder else x)
+
+
+def _encode(p, x, spec: _Spec):
+    """(activations f [N, d_sae], pre-activations [N, d_sae]) of one layer's training parameters."""
+    xc = x if spec.transcoder else x - p["b_dec"]
+    pre = xc @ p["W_enc"] + p["b_enc"]
+    if spec.architecture == "relu":
+        return jax.nn.relu(pre), pre
+    if spec.architecture == "topk":
+        vals, idx = jax.lax.top_k(pre, spec.k)
+        rows = jnp.arange(pre.shape[0])[:, None]
+        return jnp.zeros_like(pre).at[rows, idx].set(jax.nn.relu(vals)), pre
+    theta = jnp.broadcast_to(jnp.exp(p["log_threshold"]), pre.shape)
+    return _jump(pre, theta, spec.bandwidth), pre
+
+
+def _layer_loss(p, x, y, coeff, spec: _Spec):
+    f, pre = _encode(p, x, spec)
+    y_hat = f @ p["W_dec"] + p["b_dec"]
+    err = jnp.sum((y - y_hat) ** 2, -1)  # [N]
+    mse = err.mean()
+    if spec.architecture == "relu":
+        sparsity = jnp.abs(f).sum(-1).mean()
+    elif spec.architecture == "jumprelu":
+        theta = jnp.broadcast_to(jnp.exp(p["log_threshold"]), pre.shape)
+        sparsity = _step_fn(pre, theta, spec.bandwidth).sum(-1).mean()
+    else:
+        sparsity = jnp.zeros((), mse.dtype)
+    loss = mse + coeff * sparsity
+    active = f > 0
+    var = jnp.sum((y - y.mean(0)) ** 2)
+    aux = {
+        "mse": mse,
+        "l0": active.sum(-1).mean(),
+        "explained_variance": 1.0 - err.sum() / jnp.maximum(var, 1e-30),
+        "fired": active.any(0),
+    }
+    return loss, aux
+
+
+def _unit_rows(W):
+    return W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0, 1, 2))
+def _train_step(params, opt_state, since_fired, model_params, tokens, scale_in, scale_out, coeff, *, spec: _Spec):
+    x, y = _acts(model_params, tokens, spec)
+    x = x * scale_in[:, None, None]
+    y = y * scale_out[:, None, None]
+
+    def total(p):
+        losses, aux = jax.vmap(functools.partial(_layer_loss, coeff=coeff, spec=spec))(p, x, y)
+        return losses.sum(), (losses, aux)
+
+    grads, (losses, aux) = jax.grad(total, has_aux=True)(params)
+    updates, opt_state = spec.optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params = {**params, "W_dec": _unit_rows(params["W_dec"])}
+    since_fired = jnp.where(aux.pop("fired"), 0, since_fired + 1)
+    return params, opt_state, since_fired, {"loss": losses, **aux}
+
+
+def _names(cfg, site, out_site):
+    """The site (and output site) at every layer: one recorded program serves any choice of layers."""
+    return [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in dict.fromkeys((site, out_site))]
+
+
+def _first_stats(model, tokens, spec: _Spec):
+    """Per layer, from the first batch: mean |x|, mean |y|, mean of y, and d_in (through the model's
+    own compiled run_with_cache, which evaluate reuses)."""
+    names = _names(spec.cfg, spec.site, spec.out_site)
+    _, cache = model.run_with_cache(tokens, names=names)
+
+    def flat(local):
+        a = jnp.stack([cache[f"blocks.{l}.{local}"] for l in spec.layers]).astype(jnp.float32)
+        a = a[:, :, 1:] if spec.skip_bos else a
+        return a.reshape(a.shape[0], a.shape[1] * a.shape[2], -1)
+
+    x = flat(spec.site)
+    y = flat(spec.out_site) if spec.transcoder else x
+    return (jnp.linalg.norm(x, axis=-1).mean(-1), jnp.linalg.norm(y, axis=-1).mean(-1), y.mean(1),
+            int(x.shape[-1]), int(y.shape[-1]))
+
+
+def _init_layer(key, d_in, d_sae, d_out, transcoder, architecture, init_threshold):
+    k_dec, k_enc = jax.random.split(key)
+    W_dec = _unit_rows(jax.random.normal(k_dec, (d_sae, d_out), jnp.float32))
+    if transcoder:
+        W_enc = _unit_rows(jax.random.normal(k_enc, (d_sae, d_in), jnp.float32)).T
+    else:
+        W_enc = W_dec.T
+    p = {"W_enc": W_enc, "b_enc": jnp.zeros((d_sae,), jnp.float32), "W_dec": W_dec,
+         "b_dec": jnp.zeros((d_out,), jnp.float32)}
+    if architecture == "jumprelu":
+        p["log_threshold"] = jnp.full((d_sae,), math.log(init_threshold), jnp.float32)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# token batches
+
+
+def _batches(token_batches, batch_size, seed):
+    """An iterator of int token arrays [B, P] from a generator/iterable, a callable(rng), or an [N, P] array."""
+    if callable(token_batches) and not hasattr(token_batches, "__iter__"):
+        rng = np.random.default_rng(seed)
+        while True:
+            yield np.asarray(token_batches(rng))
+    if isinstance(token_batches, (np.ndarray, jax.Array)):
+        arr = np.asarray(token_batches)
+        if arr.ndim != 2:
+            raise ValueError(f"a token array must be [N, pos], got shape {arr.shape}")
+        bs = batch_size or min(len(arr), 32)
+        if bs > len(arr):
+            raise ValueError(f"batch_size={bs} is larger than the {len(arr)} rows of tokens given")
+        rng = np.random.default_rng(seed)
+        while True:
+            perm = rng.permutation(len(arr))
+            for i in range(0, len(arr) - bs + 1, bs):
+                yield arr[perm[i:i + bs]]
+    else:
+        for b in token_batches:
+            yield np.asarray(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the result
+
+
+@dataclasses.dataclass
+class TrainedDictionaries:
+    """What `fit` returns. `dictionary` is the stacked Dictionary (leaves [L, ...], `layers`), in the
+    model's units (the training normalisation is folded in). `history` holds "step" [T] and, each
+    [T, L], "loss", "mse" (normalised units), "l0", "explained_variance" (on the training batch) and
+    "dead_fraction" (fraction of features that have not fired in the last `dead_window` steps).
+    `steps_since_fired` [L, d_sae] is the dead-feature counter at the end; `metrics` is filled by
+    `evaluate`."""
+
+    dictionary: Dictionary
+    history: dict
+    steps_since_fired: np.ndarray
+    config: dict
+    seconds: float
+    model_name: str | None = None
+    context_size: int | None = None
+    metrics: dict | None = None
+
+    @property
+    def layers(self) -> tuple:
+        return self.dictionary.layers
+
+    def __getitem__(self, layer: int) -> Dictionary:
+        return self.dictionary[layer]
+
+    def dead_fraction(self, window: int | None = None) -> np.ndarray:
+        """[L] fraction of features that have not fired in the last `window` steps (default: the run's dead_window)."""
+        w = self.config["dead_window"] if window is None else window
+        return (self.steps_since_fired >= w).mean(-1)
+
+    def evaluate(self, model, tokens, *, batch_size: int = 64) -> dict:
+        """Held-out metrics per layer; also stored in `self.metrics`. See `evaluate`."""
+        self.metrics = evaluate(model, self.dictionary, tokens, skip_bos=self.config["skip_bos"], batch_size=batch_size)
+        return self.metrics
+
+    def save(self, path) -> Path:
+        """One SAELens directory per layer, `path/blocks.{l}.{site}/`, and `path/metrics.json`
+        (the fit's config, its history and, if `evaluate` ran, the held-out metrics). Refuses a
+        non-empty `path`."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise DictionaryError(f"{path} exists and is not empty; choose a new directory (nothing was overwritten)")
+        path.mkdir(parents=True, exist_ok=True)
+        for l in self.layers:
+            d = self[l]
+            save_saelens(d, path / d.site_name, model_name=self.model_name, context_size=self.context_size)
+        record = {
+            "config": self.config,
+            "layers": list(self.layers),
+            "seconds": self.seconds,
+            "history": {k: np.asarray(v).tolist() for k, v in self.history.items()},
+            "final_dead_fraction": self.dead_fraction().tolist(),
+            "metrics": None if self.metrics is None else {str(k): v for k, v in self.metrics.items()},
+        }
+        (path / "metrics.json").write_text(json.dumps(record, indent=1))
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+def fit(
+    model,
+    token_batches,
+    *,
+    site: str = "hook_resid_post",
+    layers=None,
+    architecture: str = "relu",
+    d_sae: int,
+    l1: float = 1.0,
+    k: int | None = None,
+    l0: float = 0.1,
+    bandwidth: float = 0.001,
+    init_threshold: float = 0.001,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int | None = None,
+    seed: int = 0,
+    transcoder_out: str | None = None,
+    normalize: bool = True,
+    skip_bos: bool = True,
+    dead_window: int = 100,
+    log_every: int = 10,
+    optimizer: optax.GradientTransformation | None = None,
+    progress: bool = True,
+) -> TrainedDictionaries:
+    """Train one dictionary per layer on activations streamed from `model`, all layers in one
+    jitted step (module docstring for the maths).
+
+    token_batches: a generator/iterable of int token arrays [B, P], a callable rng -> [B, P] (drawn
+    from numpy's default_rng(seed)), or an array [N, P] cycled through in shuffled minibatches of
+    `batch_size`. site: the local site read (e.g. "hook_resid_post", "hook_resid_mid",
+    "ln2.hook_normalized"); transcoder_out: the site predicted (e.g. "hook_mlp_out") for a per-layer
+    transcoder, None for an SAE. layers: which layers (default all). architecture: "relu" (with
+    coefficient `l1`), "topk" (`k` features per token), "jumprelu" (L0 coefficient `l0`, STE
+    `bandwidth`, initial threshold `init_threshold`, both in normalised units). skip_bos: leave out
+    position 0 (BOS, whose residual is an outlier) when training. Training stops early, with a
+    warning, if token_batches runs out. optimizer: default optax.adam(lr).
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if d_sae < 1:
+        raise ValueError(f"d_sae must be >= 1, got {d_sae}")
+    if architecture == "topk" and (k is None or not 1 <= k <= d_sae):
+        raise ValueError(f"a topk dictionary needs k in 1..d_sae={d_sae}, got k={k}")
+    cfg = model.config
+    if layers is None:
+        layers = tuple(range(cfg.n_layers))
+    layers = tuple(int(l) for l in np.atleast_1d(layers))
+    if len(set(layers)) != len(layers) or not layers:
+        raise ValueError(f"layers must be distinct layer numbers, got {layers}")
+    names = [f"blocks.{l}.{site}" for l in layers]
+    out_names = [f"blocks.{l}.{transcoder_out}" for l in layers] if transcoder_out else []
+    record = S.select(cfg, names + out_names)  # validates names and layer ranges
+    local = S.parse(cfg, names[0])[1]
+    out_local = S.parse(cfg, out_names[0])[1] if transcoder_out else local
+    if local in S.GLOBAL_SITES:
+        raise ValueError(f"{site!r} is a global site; training reads a per-layer site (e.g. hook_resid_post)")
+    transcoder = out_local != local
+    custom_optimizer = optimizer is not None
+    optimizer = optimizer or optax.adam(lr)
+    spec = _Spec(cfg=cfg, record=tuple(sorted(record.items())), site=local, out_site=out_local, layers=layers,
+                 architecture=architecture, k=k if architecture == "topk" else None, bandwidth=float(bandwidth),
+                 skip_bos=skip_bos, transcoder=transcoder, optimizer=optimizer)
+    coeff = jnp.float32({"relu": l1, "topk": 0.0, "jumprelu": l0}[architecture])
+
+    it = _batches(token_batches, batch_size, seed)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("token_batches gave no batches") from None
+    tokens, _ = model.prepare_inputs(first)
+    if skip_bos and tokens.shape[1] < 2:
+        raise ValueError("with skip_bos=True every row needs at least 2 tokens")
+    context_size = int(tokens.shape[1])
+    mp = model.params
+    norm_x, norm_y, mean_y, d_in, d_out = _first_stats(model, tokens, spec)
+    if normalize:
+        scale_in = jnp.sqrt(jnp.float32(d_in)) / jnp.maximum(norm_x, 1e-12)
+        scale_out = jnp.sqrt(jnp.float32(d_out)) / jnp.maximum(norm_y, 1e-12)
+    else:
+        scale_in = scale_out = jnp.ones((len(layers),), jnp.float32)
+    if not transcoder:
+        scale_out = scale_in
+    key = jax.random.PRNGKey(seed)
+    per_layer = [_init_layer(jax.random.fold_in(key, l), d_in, d_sae, d_out, transcoder, architecture, init_threshold)
+                 for l in layers]
+    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer)
+    params["b_dec"] = mean_y * scale_out[:, None]
+    opt_state = optimizer.init(params)
+    since = jnp.zeros((len(layers), d_sae), jnp.int32)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=f"training {architecture} x {len(layers)} layers", unit="step")
+    logged, logged_steps = [], []
+    t0 = time.time()
+    done = 0
+    batch = tokens
+    for s in range(steps):
+        if s > 0:
+            try:
+                batch, _ = model.prepare_inputs(next(it))
+            except StopIteration:
+                warnings.warn(f"token_batches ran out after {s} steps (of {steps})", stacklevel=2)
+                break
+        params, opt_state, since, m = _train_step(params, opt_state, since, mp, batch, scale_in, scale_out, coeff,
+                                                  spec=spec)
+        done = s + 1
+        if s == 0 or done % log_every == 0 or done == steps:
+            m = dict(m)
+            m["dead_fraction"] = (since >= dead_window).mean(-1)
+            logged.append(m)
+            logged_steps.append(done)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(m['loss'].mean()):.3f}", ev=f"{float(m['explained_variance'].mean()):.3f}")
+        if bar is not None:
+            bar.update()
+    jax.block_until_ready(params)
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    history = {"step": np.asarray(logged_steps)}
+    for name in ("loss", "mse", "l0", "explained_variance", "dead_fraction"):
+        history[name] = np.stack([np.asarray(m[name]) for m in logged])
+
+    # fold the normalisation back in (module docstring): W_dec keeps unit rows, activations in model units
+    r = (scale_in / scale_out)[:, None, None]
+    so = scale_out[:, None]
+    d = Dictionary(
+        W_enc=params["W_enc"] * r, W_dec=params["W_dec"], b_dec=params["b_dec"] / so, b_enc=params["b_enc"] / so,
+        threshold=jnp.exp(params["log_threshold"]) / so if architecture == "jumprelu" else None,
+        architecture=_OURS[architecture], k=spec.k, clamp=True, apply_b_dec_to_input=not transcoder,
+        hook_z=local == "attn.hook_z", site=local, out_site=out_local if transcoder else None, layers=layers,
+        hook_name=None, format="jinterp", source=None,
+    )
+    config = {
+        "site": local, "transcoder_out": out_local if transcoder else None, "layers": list(layers),
+        "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "d_out": d_out, "l1": l1 if architecture == "relu" else None,
+        "k": spec.k, "l0": l0 if architecture == "jumprelu" else None,
+        "bandwidth": bandwidth if architecture == "jumprelu" else None, "steps": done, "lr": lr,
+        "optimizer": "custom" if custom_optimizer else "adam", "batch_shape": list(tokens.shape),
+        "seed": seed, "normalize": normalize, "scale_in": np.asarray(scale_in).tolist(),
+        "scale_out": np.asarray(scale_out).tolist(), "skip_bos": skip_bos, "dead_window": dead_window,
+        "decoder": "unit-norm rows (renormalised after every step)", "model": getattr(model, "name", None),
+    }
+    return TrainedDictionaries(d, history, np.asarray(since), config, seconds, getattr(model, "name", None), context_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _ce(logits, tokens):
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    return float(-jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean())
+
+
+def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, batch_size: int = 64) -> dict:
+    """Held-out metrics of each layer's dictionary on `tokens` [N, P]: {layer: {...}} with
+
+    l0                  mean number of active features per token
+    explained_variance  1 - sum |y - y_hat|^2 / sum |y - mean y|^2 (y: the site for an SAE, the
+                        transcoder's output site for a transcoder)
+    ce_clean, ce_zero_ablated, ce_spliced   mean next-token loss: the clean model; the site (an
+                        SAE's, or a transcoder's output site) zero-ablated at that layer; the site
+                        replaced by the dictionary's output (an SAE: `splice(sae, keep_error=False)`;
+                        a transcoder: its output site patched with the prediction from the clean
+                        input, which is exact because the input is upstream of the output)
+    ce_loss_recovered   (ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean)
+
+    With skip_bos, position 0 is left out of l0 / explained variance and neither ablated nor
+    spliced (as in training). Rows are processed in batches of `batch_size`; the CE numbers are
+    token-weighted means over all of them."""
+    from jinterp.saes.splice import splice
+
+    d = dictionary
+    layers = d.layers if d.stacked else (d.layer,)
+    toks = np.asarray(tokens)
+    if toks.ndim != 2:
+        raise ValueError(f"tokens must be [N, pos], got shape {toks.shape}")
+    P = toks.shape[1]
+    pos = list(range(1, P)) if skip_bos else None
+    site_out = d.out_site or d.site
+    acc = {l: {"l0": 0.0, "err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "ce_zero": 0.0, "ce_spliced": 0.0}
+           for l in layers}
+    ce_clean, n_rows = 0.0, 0
+    for i in range(0, len(toks), batch_size):
+        tb, _ = model.prepare_inputs(toks[i:i + batch_size])
+        B = tb.shape[0]
+        logits, cache = model.run_with_cache(tb, names=_names(model.config, d.site, site_out))
+        ce_clean += _ce(logits, tb) * B
+        n_rows += B
+        for l in layers:
+            one = d[l] if d.stacked else d
+            x = cache[f"blocks.{l}.{d.site}"].astype(jnp.float32)
+            y = cache[f"blocks.{l}.{site_out}"].astype(jnp.float32)
+            f = one.encode(x)
+            y_hat = one(x)
+            sl = slice(1, None) if skip_bos else slice(None)
+            yf = y[:, sl].reshape(-1, one.d_out)
+            a = acc[l]
+            a["l0"] += float((f[:, sl] > 0).sum())
+            a["err"] += float(((yf - y_hat[:, sl].reshape(-1, one.d_out)) ** 2).sum())
+            a["sum_y"] = a["sum_y"] + np.asarray(yf.sum(0), np.float64)
+            a["sum_y2"] += float((yf.astype(jnp.float32) ** 2).sum())
+            a["n"] += yf.shape[0]
+            if one.is_transcoder:
+                zero = E.zero_ablate(site_out, layers=l, pos=pos)
+                spl = E.patch(site_out, y_hat.reshape(y.shape), layers=l, pos=pos)
+            else:
+                zero = E.zero_ablate(d.site, layers=l, pos=pos)
+                # layer=None, layers=l: the layer is a leaf of the edit, so every layer shares one program
+                spl = splice(dataclasses.replace(one, layer=None), keep_error=False, pos=pos, layers=l)
+            a["ce_zero"] += _ce(model(tb, edits=[zero]), tb) * B
+            a["ce_spliced"] += _ce(model(tb, edits=[spl]), tb) * B
+    out = {}
+    ce_clean /= n_rows
+    for l in layers:
+        a = acc[l]
+        var = a["sum_y2"] - float((np.asarray(a["sum_y"]) ** 2).sum()) / a["n"]
+        ce_zero, ce_spl = a["ce_zero"] / n_rows, a["ce_spliced"] / n_rows
+        out[int(l)] = {
+            "l0": a["l0"] / a["n"],
+            "explained_variance": 1.0 - a["err"] / max(var, 1e-30),
+            "ce_clean": ce_clean,
+            "ce_zero_ablated": ce_zero,
+            "ce_spliced": ce_spl,
+            "ce_loss_recovered": (ce_zero - ce_spl) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SAELens format
+
+
+def _saelens_architecture(d: Dictionary) -> str:
+    if not d.is_transcoder:
+        return d.architecture
+    if d.architecture in ("standard", "jumprelu"):
+        base = "transcoder" if d.architecture == "standard" else "jumprelu_transcoder"
+        if d.W_skip is not None:
+            base = base.replace("transcoder", "skip_transcoder")
+        return base
+    raise DictionaryError(f"SAELens has no {d.architecture} transcoder architecture; cannot save {d!r} in its format")
+
+
+def save_saelens(d: Dictionary, path, *, model_name: str | None = None, context_size: int | None = None,
+                 metadata: dict | None = None) -> Path:
+    """Write one layer's dictionary as a SAELens 6 directory: cfg.json + sae_weights.safetensors
+    (W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc, b_dec, threshold for JumpReLU, W_skip
+    [d_out, d_in] for skip transcoders), loadable by `SAE.load_from_disk` and `jinterp.saes.load`.
+    cfg.json has SAELens's own keys (`metadata.hook_name` is the TransformerLens hook name, e.g.
+    blocks.3.hook_resid_post; `metadata.sae_lens_version` names the cfg layout written, and
+    `sae_lens_training_version` is null because SAELens did not train it). Refuses a non-empty `path`."""
+    from safetensors.numpy import save_file
+
+    if not isinstance(d, Dictionary):
+        raise DictionaryError(f"save_saelens takes a saes.Dictionary, got {type(d).__name__}")
+    if d.stacked:
+        raise DictionaryError("save one layer at a time: save_saelens(dictionary[layer], path)")
+    if d.site_name is None:
+        raise DictionaryError(f"{d!r} does not say which site it reads; SAELens needs a hook_name")
+    arch_name = _saelens_architecture(d)
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DictionaryError(f"{path} exists and is not empty; choose a new directory (nothing was overwritten)")
+    dtype = str(jnp.dtype(d.W_enc.dtype))
+    tensors = {"W_enc": d.W_enc, "W_dec": d.W_dec, "b_dec": d.b_dec}
+    if d.architecture == "gated":
+        tensors.update(b_gate=d.b_gate, r_mag=d.r_mag, b_mag=d.b_mag)
+    else:
+        tensors["b_enc"] = d.b_enc
+    if d.architecture == "jumprelu":
+        tensors["threshold"] = d.threshold
+    if d.W_skip is not None:
+        tensors["W_skip"] = jnp.swapaxes(d.W_skip, -1, -2)
+    arrays = {}
+    for n, v in tensors.items():
+        a = np.ascontiguousarray(np.asarray(v))
+        if not np.isfinite(a.astype(np.float32)).all():
+            raise DictionaryError(f"refusing to save non-finite values in {n}")
+        arrays[n] = a
+    from jinterp import __version__
+
+    meta = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": model_name,
+        "hook_name": d.site_name,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "context_size": context_size,
+    }
+    if d.is_transcoder:
+        meta["hook_name_out"] = d.out_site_name
+        meta["hook_head_index_out"] = None
+    meta["trained_with"] = f"jinterp {__version__}"
+    meta.update(metadata or {})
+    cfg = {"d_in": d.d_in, "d_sae": d.d_sae, "dtype": dtype, "device": "cpu",
+           "apply_b_dec_to_input": bool(d.apply_b_dec_to_input), "normalize_activations": d.normalize,
+           "reshape_activations": "hook_z" if d.hook_z else "none", "metadata": meta}
+    if d.is_transcoder:
+        cfg["d_out"] = d.d_out
+    if d.architecture == "topk":
+        cfg["k"] = int(d.k)
+        cfg["rescale_acts_by_decoder_norm"] = bool(d.rescale_acts_by_decoder_norm)
+    cfg["architecture"] = arch_name
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(arrays, str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
+    return path
