@@ -19,7 +19,7 @@ import numpy as np
 from jinterp import sharding
 from jinterp.arch import families, param_shapes
 from jinterp.io import hf, orbax
-from jinterp.io.safetensors import CheckpointError, Lazy, Reader, aligned_empty
+from jinterp.io.safetensors import CheckpointError, Lazy, Reader, aligned_empty, all_finite, nonfinite_summary
 from jinterp.model import Model
 
 MODELS_DIR = Path(os.environ.get("JINTERP_MODELS", Path(__file__).resolve().parent.parent / "models"))
@@ -62,6 +62,35 @@ def resolve(source) -> Path:
         ) from e
 
 
+# the parameter dtypes load accepts, by name (any spelling numpy or jax accepts for these works too)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+_ALIASES = {"fp32": "float32", "f32": "float32", "single": "float32", "bf16": "bfloat16", "fp16": "float16",
+            "f16": "float16", "half": "float16", "fp64": "float64", "f64": "float64", "double": "float64"}
+
+
+def resolve_dtype(dtype) -> np.dtype:
+    """The parameter dtype `dtype` names (a string such as "bfloat16" / "bf16", or a numpy / jax
+    dtype), or a ValueError listing the accepted ones. float64 needs jax's x64 mode, without which
+    jax would silently compute in float32."""
+    accepted = ", ".join(list(DTYPES) + [f"{k} ({v})" for k, v in _ALIASES.items()])
+    name = dtype
+    if isinstance(dtype, str):
+        key = _ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
+        if key not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; accepted: {accepted}, or a jax / numpy float dtype")
+        dtype = DTYPES[key]
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"{name!r} is not a dtype; accepted: {accepted}, or a jax / numpy float dtype") from e
+    if dt not in {np.dtype(v) for v in DTYPES.values()}:
+        raise ValueError(f"parameters need a float dtype, got {dt}; accepted: {', '.join(DTYPES)}")
+    if dt == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("float64 parameters need jax's 64-bit mode (jax.config.update('jax_enable_x64', True) "
+                         "before anything else runs); without it jax computes in float32")
+    return dt
+
+
 def _dtype_of(path, dtype):
     """Norm weights and biases stay float32 (they are tiny, and HF computes norms in float32; Gemma's
     folded 1 + w would lose precision in bfloat16); every other parameter takes `dtype`."""
@@ -69,12 +98,16 @@ def _dtype_of(path, dtype):
     return jnp.float32 if in_norm else dtype
 
 
-def place(params, cfg, dtype, mesh=None):
+def place(params, cfg, dtype, mesh=None, check_finite: bool = True):
     """Build and place every parameter, one at a time, in its final dtype: `params` holds `Lazy`
     leaves (read from the checkpoint now) or arrays. On one device the 64-byte-aligned buffer a Lazy
     builds is adopted by jax without a copy; on a mesh each parameter goes to its NamedSharding
     (jinterp.sharding) and its host buffer is dropped before the next is read. So loading holds the
-    placed parameters plus one in flight, never a second copy of the model."""
+    placed parameters plus one in flight, never a second copy of the model.
+
+    check_finite: scan each parameter on the host, once it is built in its final dtype, for NaN or
+    inf (one pass, a few GB/s: io.safetensors.all_finite) and raise a CheckpointError naming the tensor."""
+    dtype = resolve_dtype(dtype)
     expect = param_shapes(cfg)
     got_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: isinstance(x, Lazy))[0]}
@@ -97,31 +130,55 @@ def place(params, cfg, dtype, mesh=None):
         if a.shape != flat_expect[key].shape:
             raise CheckpointError(f"parameter {key} has shape {list(a.shape)}, the config implies "
                                   f"{list(flat_expect[key].shape)}")
+        if check_finite and not all_finite(a):
+            raise CheckpointError(_nonfinite_message(key, v, a, dt))
         return jax.device_put(a, flat_shards.get(key))
 
     return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=lambda x: isinstance(x, Lazy))
 
 
-def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bool = True, mesh=None) -> Model:
+def _nonfinite_message(key, v, a, dt) -> str:
+    """Which tensor (and, for a stacked one, which layer) holds NaN or inf, and what to do."""
+    name = getattr(v, "name", "") if isinstance(v, Lazy) else ""
+    stacked = "{}" in name
+    if stacked or (not name and key.startswith("['blocks']")):  # a leading layer axis: name the layer
+        layer = next(l for l in range(a.shape[0]) if not all_finite(a[l]))
+        where = repr(name.format(layer)) if name else f"{key} at layer {layer}"
+        detail = nonfinite_summary(a[layer])
+    else:
+        where = repr(name) if name else key
+        detail = nonfinite_summary(a)
+    return (f"checkpoint tensor {where} (parameter {key}, loaded as {dt}) holds {detail}. The checkpoint is corrupt "
+            f"or was saved in a dtype that overflowed"
+            + (f", or {dt} cannot hold its values (load in bfloat16 or float32)" if dt == np.float16 else "")
+            + ". Re-download or re-save it; jinterp.load(..., check_finite=False) loads it anyway.")
+
+
+def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bool = True, mesh=None,
+         check_finite: bool = True) -> Model:
     """Load a model for jinterp.
 
     source: a local HF-format directory (config.json, model.safetensors or a sharded index,
     tokenizer files if present), the name of a bundled model under models/, a hub id (online),
     or a directory written by Model.save (orbax).
-    dtype: parameter dtype (float32, bfloat16, ...); norms and softmax always run in float32.
+    dtype: parameter dtype: "float32", "bfloat16", "float16" ("float64" with jax's x64 mode), or the
+    jax / numpy dtype; an unknown name is a ValueError listing these. Norms and softmax always run in float32.
     precision: matmul precision, "highest" (fp32 exact on GPU/TPU too) or "default" (the backend's).
     tokenizer: False skips loading the tokenizer.
     mesh: a jax.sharding.Mesh with axes "data" and/or "model": parameters are sharded over it by
     jinterp.sharding's rules (tensor parallel over heads, d_mlp and vocabulary on "model", d_model on
     "data"); a mesh that does not fit the model is refused before any weight is read.
+    check_finite: refuse (CheckpointError naming the tensor) weights holding NaN or inf; the scan
+    costs one pass over each tensor on the host.
     """
+    dtype = resolve_dtype(dtype)
     path = resolve(source)
     if orbax.is_saved_model(path):
         saved = orbax.load_model(path, tokenizer=tokenizer)
         cfg = saved.config.replace(matmul_precision=precision)
         if mesh is not None:
             sharding.check_mesh(cfg, mesh)
-        return Model(cfg, place(saved.params, cfg, dtype, mesh), saved.tokenizer, saved.name)
+        return Model(cfg, place(saved.params, cfg, dtype, mesh, check_finite), saved.tokenizer, saved.name)
     hf_cfg = hf.read_config(path, families.supported())
     fam = families.family_for(hf_cfg.model_type)
     cfg = fam.config(hf_cfg).replace(matmul_precision=precision)
@@ -132,7 +189,7 @@ def load(source, dtype=jnp.float32, *, precision: str = "highest", tokenizer: bo
     extra = [n for n in reader.unused() if not n.endswith(_BUFFERS)]
     if extra:
         warnings.warn(f"{len(extra)} checkpoint tensors were not used, e.g. {extra[:3]}", stacklevel=2)
-    params = place(lazy, cfg, dtype, mesh)
+    params = place(lazy, cfg, dtype, mesh, check_finite)
     tok = None
     if tokenizer and any(path.glob("tokenizer*")):
         from transformers import AutoTokenizer

@@ -28,16 +28,60 @@ def _at(logits, pos):
 
 
 def _positions(pos, P) -> tuple:
-    return tuple(sorted({int(p) % P for p in (pos if isinstance(pos, tuple) else (pos,))}))
+    ps = pos if isinstance(pos, tuple) else (pos,)
+    bad = [int(p) for p in ps if not -P <= int(p) < P]
+    if bad:
+        raise ValueError(f"metric position {bad[0]} is outside the sequence of {P} positions (valid: "
+                         f"{-P}..{P - 1}); pass pos= within the prompt")
+    return tuple(sorted({int(p) % P for p in ps}))
 
 
 def _pos(pos, batch):
     if np.ndim(pos) == 0:
+        if not np.issubdtype(np.asarray(pos).dtype, np.integer):
+            raise ValueError(f"pos must be an integer position (or one per example), got {pos!r}")
         return int(pos)
-    p = tuple(int(x) for x in np.asarray(pos))
+    a = np.asarray(pos)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"pos must be an int or one integer position per example, got {a.dtype} of shape {a.shape}")
+    p = tuple(int(x) for x in a)
     if len(p) != batch:
         raise ValueError(f"per-example positions: got {len(p)} for a batch of {batch}")
     return p
+
+
+def _token_ids(a, what: str) -> np.ndarray:
+    """Integer, non-negative token ids (the vocabulary size is checked when logits are seen)."""
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{what} must be integer token ids, got dtype {a.dtype}")
+    if a.size and a.min() < 0:
+        raise ValueError(f"{what} holds token id {int(a.min())}; ids are 0..d_vocab-1 (a negative id would "
+                         "silently read from the end of the vocabulary)")
+    return a.astype(np.int64)
+
+
+def _check_reads(name, ids, pos, P, V):
+    """Raise ValueError unless every answer id is in 0..V-1 and every position in -P..P-1."""
+    if ids:
+        hi = max(ids)
+        if hi >= V:
+            raise ValueError(f"{name}: answer token id {hi} is outside the vocabulary of {V} tokens (0..{V - 1}); "
+                             "were the answers made by another model's tokenizer?")
+    _positions(pos, P)
+
+
+def _check_call(name, n_rows, pos, logits):
+    """Check a metric against the logits it is given ([batch, pos, vocab]; static shapes, so this
+    also holds under jit and vmap): answer ids, positions and the batch size."""
+    shape = np.shape(logits)
+    if len(shape) != 3:
+        raise ValueError(f"{name} reads logits [batch, pos, d_vocab], got shape {tuple(shape)}")
+    B, P, _ = shape
+    if n_rows not in (1, B):
+        raise ValueError(f"{name} has answers for {n_rows} examples but the logits have a batch of {B}; "
+                         "give one answer row per example (or one for all)")
+    if isinstance(pos, tuple) and len(pos) != B:
+        raise ValueError(f"{name} has {len(pos)} per-example positions but the logits have a batch of {B}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +96,17 @@ class LogitDiff:
 
     def reads(self, P, V):
         """(positions, token ids) of the logits this metric reads, for the sweep driver."""
-        return _positions(self.pos, P), tuple(sorted(set(self.correct) | set(self.incorrect)))
+        ids = tuple(sorted(set(self.correct) | set(self.incorrect)))
+        _check_reads("logit_diff", ids, self.pos, P, V)
+        return _positions(self.pos, P), ids
 
     @property
     def axes(self):
         return ("example",) if self.per_example else ()
 
     def __call__(self, logits):
+        _check_call("logit_diff", len(self.correct), self.pos, logits)
+        self.reads(*np.shape(logits)[1:])
         lg = _at(logits, self.pos).astype(jnp.float32)
         b = jnp.arange(lg.shape[0])
         d = lg[b, jnp.asarray(self.correct)] - lg[b, jnp.asarray(self.incorrect)]
@@ -70,6 +118,7 @@ def logit_diff(answer_tokens, pos=-1, per_example: bool = False) -> LogitDiff:
     a = np.asarray(answer_tokens)
     if a.ndim != 2 or a.shape[1] != 2:
         raise ValueError(f"answer_tokens must be [batch, 2] (correct, incorrect), got shape {a.shape}")
+    a = _token_ids(a, "answer_tokens")
     return LogitDiff(tuple(a[:, 0].tolist()), tuple(a[:, 1].tolist()), _pos(pos, len(a)), per_example)
 
 
@@ -96,6 +145,10 @@ class Normalized:
 def normalized(metric, clean_logits, corrupted_logits) -> Normalized:
     clean = float(np.mean(np.asarray(metric(jnp.asarray(clean_logits)))))
     corrupted = float(np.mean(np.asarray(metric(jnp.asarray(corrupted_logits)))))
+    for name, v in (("clean", clean), ("corrupted", corrupted)):
+        if not np.isfinite(v):
+            raise ValueError(f"the metric scores the {name} logits {v}; the normalised metric would be NaN "
+                             f"everywhere. Check the {name} logits (and the metric) for NaN or inf")
     if abs(clean - corrupted) < 1e-12:
         raise ValueError(f"clean and corrupted runs score the same ({clean}); the normalised metric is undefined")
     return Normalized(metric, clean, corrupted)
@@ -115,6 +168,7 @@ class LogProb:
     per_example: bool = False
 
     def reads(self, P, V):
+        _check_reads("log_prob", tuple(set(self.tokens)), self.pos, P, V)
         return _positions(self.pos, P), None  # the normalisation reads every token
 
     @property
@@ -122,6 +176,8 @@ class LogProb:
         return ("example",) if self.per_example else ()
 
     def __call__(self, logits):
+        _check_call("log_prob", len(self.tokens), self.pos, logits)
+        self.reads(*np.shape(logits)[1:])
         lp = jax.nn.log_softmax(jnp.asarray(_at(logits, self.pos), jnp.float32), axis=-1)
         v = lp[jnp.arange(lp.shape[0]), jnp.asarray(self.tokens)]
         return v if self.per_example else v.mean()
@@ -129,6 +185,9 @@ class LogProb:
 
 def log_prob(tokens, pos=-1, per_example: bool = False) -> LogProb:
     t = np.atleast_1d(np.asarray(tokens))
+    if t.ndim != 1:
+        raise ValueError(f"tokens must be one token id per example (or one id for all), got shape {t.shape}")
+    t = _token_ids(t, "tokens")
     return LogProb(tuple(t.tolist()), _pos(pos, len(t)), per_example)
 
 

@@ -26,6 +26,20 @@ _generate = jax.jit(
     ),
 )
 
+def _logits_at(logits_at, P: int):
+    """logits_at (None, an int or ints in -P..P-1) -> a static tuple of absolute positions; an
+    out-of-range position is an InputError, not wrapped around."""
+    if logits_at is None:
+        return None
+    a = np.atleast_1d(np.asarray(logits_at))
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"logits_at must be an int or a list of int positions, got {a.dtype} of shape {a.shape}")
+    bad = [int(i) for i in a if not -P <= int(i) < P]
+    if bad:
+        raise InputError(f"logits_at position {bad[0]} is outside the sequence of {P} tokens (valid: {-P}..{P - 1})")
+    return tuple(int(i) % P for i in a)
+
+
 class Model:
     def __init__(self, config: Config, params: dict, tokenizer=None, name: str | None = None):
         self.config = config
@@ -100,6 +114,8 @@ class Model:
         return self.to_tokens_and_mask(text, prepend_bos, padding_side)[0]
 
     def to_tokens_and_mask(self, text, prepend_bos: bool = True, padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         tok = self._need_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -187,7 +203,14 @@ class Model:
         """The residual-stream direction [..., d_model] whose dot product with the normalised final
         residual is each token's logit (minus biases): W_U[:, token] scaled by the final norm's weight
         (what TransformerLens's W_U is after fold_ln)."""
-        t = jnp.asarray(tokens)
+        a = np.asarray(tokens)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"tokens must be integer ids, got dtype {a.dtype}")
+        V = self.config.d_vocab
+        if a.size and (a.min() < 0 or a.max() >= V):
+            bad = int(a.min()) if a.min() < 0 else int(a.max())
+            raise InputError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+        t = jnp.asarray(a)
         W_U = self.W_U.astype(jnp.float32)
         return jnp.moveaxis(jnp.take(W_U, t, axis=1), 0, -1) * self.ln_final_w.astype(jnp.float32)
 
@@ -196,7 +219,7 @@ class Model:
         """Logits [batch, pos, d_vocab] (or at positions logits_at only)."""
         tokens, mask = self.prepare_inputs(tokens, attention_mask)
         edits = E.validate(self.config, edits, *tokens.shape)
-        la = None if logits_at is None else tuple(int(i) % tokens.shape[1] for i in np.atleast_1d(logits_at))
+        la = _logits_at(logits_at, tokens.shape[1])
         logits, _ = _forward(self.params, tokens, mask, edits, cfg=self.config, logits_at=la)
         return logits
 
@@ -217,9 +240,11 @@ class Model:
         With the persistent compilation cache on (jinterp.compile_cache), a later process loads the
         compiled programs from disk instead. attention_mask: warm the padded variant (a mask passed);
         logits_at: as in __call__. Tokens are int32 and the parameters keep their dtype. Returns self."""
+        if int(batch) < 1 or int(seq) < 1:
+            raise InputError(f"warmup needs batch and seq of at least 1, got {batch}, {seq}")
         ids = np.zeros((int(batch), int(seq)), np.int64)  # numpy's default ints: also warms their cast to int32
         tokens, mask = self.prepare_inputs(ids, np.ones(ids.shape, bool) if attention_mask else None)
-        la = None if logits_at is None else tuple(int(i) % tokens.shape[1] for i in np.atleast_1d(logits_at))
+        la = _logits_at(logits_at, tokens.shape[1])
         _forward.lower(self.params, tokens, mask, (), cfg=self.config, logits_at=la).compile()
         if names is not None:
             record = S.select(self.config, None if names is True else names)

@@ -221,3 +221,179 @@ def test_tied_config_with_a_separate_output_tensor_uses_it(gpt2_dir, tmp_path):
     m = jinterp.load(_copy_with(Path(gpt2_dir), tmp_path / "m", lambda t: {**t, "lm_head.weight": W}))
     assert m.cfg.tied_embeddings
     np.testing.assert_array_equal(np.asarray(m.W_U), W.T)
+
+
+# ------------------------------------------------------------------ no silent failures (issue 14 item 5)
+
+
+def test_nan_or_inf_in_edit_values_and_bases_is_named(model):
+    """A NaN or inf steering vector, patch value or basis is refused at the boundary, naming the edit and field."""
+    from jinterp import edits as E
+
+    toks = np.zeros((1, 4), np.int32)
+    D = model.cfg.d_model
+    vec = np.ones(D, np.float32)
+    vec[5] = np.nan
+    with pytest.raises(E.EditError, match=r"edits\[1\] \(Add at hook_resid_pre\): Add\.value holds 1 NaN or inf .* index \(5,\)"):
+        model(toks, edits=[E.zero_ablate("blocks.0.hook_mlp_out"), E.steer("blocks.1.hook_resid_pre", vec)])
+    val = np.zeros((1, 4, D), np.float32)
+    val[0, 2, 0] = np.inf
+    with pytest.raises(E.EditError, match=r"Set\.value holds 1 NaN or inf .* index \(0, 2, 0\)"):
+        model.run_with_cache(toks, names=["blocks.0.hook_resid_post"], edits=[E.patch("blocks.0.hook_resid_post", val)])
+    basis = np.eye(D, 2, dtype=np.float32)
+    basis[0, 1] = np.nan
+    with pytest.raises(E.EditError, match=r"Project\.basis holds 1 NaN"):
+        model.generate(toks, 1, edits=[E.subspace_patch("blocks.0.hook_resid_post", np.zeros(D, np.float32), basis)])
+    with pytest.raises(E.EditError, match="Add.value holds"):  # an infinite coefficient too
+        model(toks, edits=[E.steer("blocks.1.hook_resid_pre", np.ones(D, np.float32), coeff=np.inf)])
+    # traced values (inside a compiled sweep) have nothing to check and pass
+    import jax
+
+    jax.jit(lambda v: (E.core.check_finite("edit", "value", v), v)[1])(jax.numpy.full(3, jax.numpy.nan))
+
+
+def test_nan_or_inf_in_loaded_weights_is_named(gpt2_dir, tmp_path):
+    from pathlib import Path
+
+    def poison(name, value, index):
+        def edit(t):
+            t = dict(t)
+            t[name] = t[name].copy()
+            t[name][index] = value
+            return t
+        return edit
+
+    bad = _copy_with(Path(gpt2_dir), tmp_path / "a", poison("transformer.h.1.mlp.c_fc.weight", np.nan, (3, 5)))
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.1\.mlp\.c_fc\.weight' \(parameter \['blocks'\]\['mlp'\]\['W_in'\].*"
+                                              r"1 NaN value, the first at index \(3, 5\).*corrupt or was saved in a dtype that overflowed"):
+        jinterp.load(bad, tokenizer=False)
+    assert jinterp.load(bad, tokenizer=False, check_finite=False).cfg.n_layers == 3  # the escape hatch
+    bad = _copy_with(Path(gpt2_dir), tmp_path / "b", poison("transformer.wte.weight", -np.inf, (7, 0)))
+    with pytest.raises(CheckpointError, match=r"'transformer\.wte\.weight' .* 1 inf value, the first at index \(7, 0\)"):
+        jinterp.load(bad, tokenizer=False)
+    # integer (quantized) storage is refused, not cast to floats
+    bad = _copy_with(Path(gpt2_dir), tmp_path / "c", lambda t: {**t, "transformer.h.0.mlp.c_fc.weight":
+                                                                 t["transformer.h.0.mlp.c_fc.weight"].astype(np.int8)})
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.mlp\.c_fc\.weight' .* stored as I8, not as floats"):
+        jinterp.load(bad, tokenizer=False)
+
+
+def test_all_finite_scan():
+    import ml_dtypes
+
+    from jinterp.io.safetensors import all_finite
+
+    for dt in (np.float32, np.float64, np.float16, ml_dtypes.bfloat16):
+        a = np.random.RandomState(0).randn(3, 1000).astype(dt)
+        assert all_finite(a)
+        for v in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[2, 999] = v
+            assert not all_finite(b), (dt, v)
+    assert all_finite(np.full(10, 1e30, np.float32))  # a sum of squares that overflows is rescanned, not refused
+    assert all_finite(np.arange(5))
+
+
+def test_sweep_nan_names_the_cell(model):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jinterp import metrics
+    from jinterp.engine import driver
+
+    @dataclasses.dataclass(frozen=True)
+    class NanAt:
+        def __call__(self, cell, data, runner):
+            bad = (cell["layer"] == 1) & (cell["pos"] == 2)
+            return runner.score(()) + jnp.where(bad, jnp.nan, 0.0)
+
+    toks = np.arange(8, dtype=np.int32).reshape(2, 4)
+    metric = metrics.logit_diff([[1, 2], [3, 4]])
+    axes = {"layer": ["L0", "L1", "L2"], "pos": ["a", "b", "c", "d"]}
+    with pytest.raises(driver.SweepError, match=r"nan sweep: the result is NaN at 1 of 12 cells, the first at "
+                                                r"layer=L1 \(index 1\), pos=c \(index 2\).*allow_nan=True") as e:
+        driver.sweep_grid(model, toks, axes, NanAt(), name="nan sweep", metric=metric, progress=False)
+    assert e.value.cell == 6 and np.isnan(e.value.results[6]) and np.isfinite(np.delete(e.value.results, 6)).all()
+    r = driver.sweep_grid(model, toks, axes, NanAt(), name="nan sweep", metric=metric, progress=False, allow_nan=True)
+    assert np.isnan(r.values[1, 2]) and np.isfinite(r.values).sum() == 11
+
+
+def test_metric_answer_outside_vocabulary_and_bad_positions(model):
+    from jinterp import metrics
+
+    V = hf_zoo.V
+    toks = np.zeros((2, 5), np.int32)
+    logits = model(toks)
+    with pytest.raises(ValueError, match=rf"answer token id {V + 3} is outside the vocabulary of {V} tokens \(0\.\.{V - 1}\)"):
+        metrics.logit_diff([[1, 2], [4, V + 3]])(logits)
+    with pytest.raises(ValueError, match=rf"log_prob: answer token id {V} is outside the vocabulary"):
+        metrics.log_prob([V, 1])(logits)
+    with pytest.raises(ValueError, match=rf"answer token id {V} is outside"):  # the sweep driver asks before compiling
+        metrics.logit_diff([[V, 1], [2, 3]]).reads(5, V)
+    with pytest.raises(ValueError, match="holds token id -1"):
+        metrics.logit_diff([[1, -1], [2, 3]])
+    with pytest.raises(ValueError, match="integer token ids"):
+        metrics.log_prob([1.5, 2.0])
+    with pytest.raises(ValueError, match=r"metric position 5 is outside the sequence of 5 positions \(valid: -5\.\.4\)"):
+        metrics.logit_diff([[1, 2], [3, 4]], pos=5)(logits)
+    with pytest.raises(ValueError, match="answers for 3 examples but the logits have a batch of 2"):
+        metrics.logit_diff([[1, 2], [3, 4], [5, 6]])(logits)
+    with pytest.raises(ValueError, match="scores the clean logits nan"):
+        metrics.normalized(metrics.logit_diff([[1, 2], [3, 4]]), np.full(logits.shape, np.nan), logits)
+
+
+def test_unknown_dtype_lists_the_accepted_ones(gpt2_dir):
+    import jax.numpy as jnp
+
+    from jinterp.loading import resolve_dtype
+
+    with pytest.raises(ValueError, match=r"unknown dtype 'bf17'; accepted: float32, bfloat16, float16, float64"):
+        jinterp.load(gpt2_dir, dtype="bf17")
+    assert resolve_dtype("bf16") == jnp.bfloat16 and resolve_dtype(jnp.float16) == np.float16
+    assert resolve_dtype(" Float32 ") == np.float32
+    with pytest.raises(ValueError, match="parameters need a float dtype, got int8"):
+        resolve_dtype(np.int8)
+    with pytest.raises(ValueError, match="is not a dtype"):
+        resolve_dtype(object())
+    with pytest.raises(ValueError, match="float64 parameters need jax's 64-bit mode"):
+        resolve_dtype("float64")
+
+
+@pytest.mark.parametrize("cls,kw,match", [
+    (hf_zoo.tf.GemmaConfig, dict(use_bidirectional_attention=True, head_dim=8, **hf_zoo.LLAMA),
+     "gemma with use_bidirectional_attention=True"),
+    (hf_zoo.tf.Qwen2Config, dict(layer_types=["full_attention", "chunked_attention", "full_attention"], **hf_zoo.LLAMA),
+     r"qwen2 layer_types \['chunked_attention'\] are not supported"),
+    (hf_zoo.tf.GPT2Config, dict(n_layer=1, n_embd=8, n_head=2, reorder_and_upcast_attn=True),
+     "GPT-2 with reorder_and_upcast_attn=True is not supported"),
+    (hf_zoo.tf.LlamaConfig, dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, **hf_zoo.LLAMA),
+     "rotary scaling 'yarn' is not supported"),
+])
+def test_config_options_we_do_not_implement_are_named(tmp_path, cls, kw, match):
+    cls(**kw).save_pretrained(str(tmp_path))
+    with pytest.raises(UnsupportedArchitecture, match=match):
+        jinterp.load(tmp_path)
+
+
+def test_quantized_checkpoint_is_refused(gpt2_dir, tmp_path):
+    from pathlib import Path
+
+    bad = _copy_with(Path(gpt2_dir), tmp_path / "m", lambda t: t)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(UnsupportedArchitecture, match="quantized checkpoint .*'gptq'.*unquantized"):
+        jinterp.load(bad)
+
+
+def test_model_arguments_out_of_range(model):
+    toks = np.zeros((1, 4), np.int32)
+    with pytest.raises(jinterp.InputError, match=r"logits_at position 4 is outside the sequence of 4 tokens \(valid: -4\.\.3\)"):
+        model(toks, logits_at=[0, 4])
+    assert model(toks, logits_at=-1).shape[1] == 1
+    with pytest.raises(jinterp.InputError, match="padding_side must be 'left' or 'right'"):
+        model.to_tokens("hi", padding_side="middle")
+    with pytest.raises(jinterp.InputError, match=rf"token id {hf_zoo.V} is outside the vocabulary"):
+        model.tokens_to_residual_directions([1, hf_zoo.V])
+    with pytest.raises(jinterp.InputError, match="at least 1"):
+        model.warmup(0, 4)

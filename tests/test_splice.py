@@ -1,4 +1,4 @@
-"""Dictionary splicing (jinterp.saes.splice) against naive patches computed from the cache."""
+"""Dictionary splicing (jinterp.saes.splicing) against naive patches computed from the cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import jinterp
 from jinterp import edits as E
 from jinterp import metrics, saes
-from jinterp.saes import splice as SP
+from jinterp.saes import splicing as SP
 from jinterp.train import organisms
 
 

@@ -171,7 +171,7 @@ def uniform_attention(*, layers=None, heads=None, pos="decode") -> Edit:
 
 def splice(sae, **kw) -> Edit:
     """Splice a dictionary (jinterp.saes) in at its site: its reconstruction plus the error term,
-    with feature-level ablate / clamp / steer (see jinterp.saes.splice.splice)."""
-    from jinterp.saes.splice import splice as _splice
+    with feature-level ablate / clamp / steer (see jinterp.saes.splicing.splice)."""
+    from jinterp.saes.splicing import splice as _splice
 
     return _splice(sae, **kw)

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from jinterp import sites as S
@@ -110,11 +111,55 @@ def site_shape(cfg: Config, site: str, batch: int, seq: int) -> dict[str, int]:
     return {ax: sizes[ax] for ax in S.layout(site)}
 
 
+def _arrays_in(op):
+    """(field name, array) of the op's values and array fields (a basis, a splice's scales), one
+    level deep: nested pytrees such as a dictionary's weights are checked where they are loaded."""
+    out = []
+    for f in dataclasses.fields(op):
+        v = getattr(op, f.name)
+        if isinstance(v, values.Value):
+            out.append((f"{type(op).__name__}.{f.name}", v.array))
+        elif isinstance(v, (jax.Array, np.ndarray)):
+            out.append((f"{type(op).__name__}.{f.name}", v))
+    return out
+
+
+@jax.jit
+def _count_nonfinite(a):
+    return jnp.sum(~jnp.isfinite(a))
+
+
+def check_finite(label: str, name: str, a) -> None:
+    """Raise EditError if the concrete array `a` holds NaN or inf. Traced arrays (values built inside
+    a compiled sweep or under jax.grad) have no values to check and pass."""
+    if isinstance(a, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+        return
+    if isinstance(a, jax.Array):
+        try:
+            if not int(_count_nonfinite(a)):  # on the device: one scalar comes back, not the array
+                return
+        except jax.errors.ConcretizationTypeError:  # a constant inside someone's jit trace: checked where it was built
+            return
+    elif np.isfinite(a).all():
+        return
+    h = np.asarray(a, np.float32)
+    bad = ~np.isfinite(h)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise EditError(
+        f"{label}: {name} holds {int(bad.sum())} NaN or inf value(s) (of {h.size}), the first at index {first}. "
+        "A steering vector or patch value computed from a NaN activation, a division by zero (e.g. normalising "
+        "a zero vector), or an overflow in float16? Fix the value before building the edit."
+    )
+
+
 def validate(cfg: Config, edits, batch: int, seq: int) -> tuple[Edit, ...]:
     """Check edits against the model and the input shape; raise EditError naming the fix.
 
     Shapes are checked for traced edits too (under jit and vmap they are static); index ranges
-    only where the selectors are concrete."""
+    only where the selectors are concrete. Values, bases and other array fields of an op are
+    checked for NaN and inf where they are concrete (one reduction each, on the device that holds
+    them); values built inside a compiled sweep are traced and cannot be checked here: a NaN there
+    shows as a NaN result, which the sweep driver reports by cell (engine.driver.sweep)."""
     if isinstance(edits, Edit):
         edits = (edits,)
     edits = tuple(edits or ())
@@ -136,6 +181,8 @@ def validate(cfg: Config, edits, batch: int, seq: int) -> tuple[Edit, ...]:
         at = At(e.site, site_shape(cfg, e.site, batch, seq), cfg.n_layers, seq, e.where, label=label)
         e.where.check(at)
         e.op.check(at)
+        for name, a in _arrays_in(e.op):
+            check_finite(label, name, a)
     return edits
 
 

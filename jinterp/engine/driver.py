@@ -43,6 +43,52 @@ from jinterp.results import Labelled, label_grid
 _base_run = jax.jit(arch.base_run, static_argnames=("cfg",))
 
 
+class SweepError(ValueError):
+    """A sweep whose results hold NaN. `results` holds them as computed (NaN kept), `cell` the index
+    of the first bad cell."""
+
+    def __init__(self, msg, results=None, cell=None):
+        super().__init__(msg)
+        self.results, self.cell = results, cell
+
+
+def _describe_cell(cells: dict, i: int, cell_labels: dict | None) -> str:
+    """'layer=L3, pos=5 ("Mary")': cell i by its keys, through cell_labels where given."""
+    parts = []
+    for k, v in cells.items():
+        x = np.asarray(v)[i]
+        if x.ndim == 0 and cell_labels and k in cell_labels:
+            parts.append(f"{k}={cell_labels[k][int(x)]} (index {int(x)})")
+        elif x.ndim == 0:
+            parts.append(f"{k}={x.item()}")
+        else:
+            parts.append(f"{k}={np.array2string(x, threshold=8)}")
+    return ", ".join(parts) or f"cell {i}"
+
+
+def _check_nan(results, cells: dict, cell_labels, desc: str):
+    """Raise SweepError naming the first cell whose output holds NaN (the metric's or the cell function's)."""
+    N = len(next(iter(cells.values()), ()))
+    if N == 0:
+        return
+    bad = np.zeros(N, bool)
+    for r in jax.tree.leaves(results):
+        r = np.asarray(r)
+        if np.issubdtype(r.dtype, np.floating) and r.size:
+            bad |= np.isnan(r.reshape(N, -1)).any(axis=1)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    raise SweepError(
+        f"{desc}: the result is NaN at {int(bad.sum())} of {N} cells, the first at {_describe_cell(cells, i, cell_labels)}. "
+        "The metric divides by zero or takes log(0) there (e.g. metrics.normalized where clean and corrupted "
+        "score alike), or an edit value built inside the sweep holds NaN (values made in a compiled sweep are "
+        "not checked when built: check the data it reads, e.g. a cache, for NaN). Pass allow_nan=True to get "
+        "the results with NaN kept.",
+        results, i,
+    )
+
+
 def base_run(model, tokens, attention_mask=None) -> arch.Base:
     """The unedited run a sweep's partial re-runs start from."""
     tokens, mask = model.prepare_inputs(tokens, attention_mask)
@@ -232,6 +278,8 @@ def sweep(
     checkpoint_dir=None,
     desc: str = "sweep",
     stats: dict | None = None,
+    allow_nan: bool = False,
+    cell_labels: dict | None = None,
 ):
     """Run cell_fn over every cell. Returns the stacked outputs (numpy, leading axis N).
 
@@ -254,6 +302,9 @@ def sweep(
     memory_budget: bytes a chunk may take (None: half the device's free memory, engine.plan.chunk_budget).
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
     stats: a dict to fill with the plan (chunks, rows, cells' bounds) for engine/flops.py.
+    allow_nan: return results holding NaN; by default a NaN anywhere in a cell's output raises a
+    SweepError naming the cell (by cell_labels: cell key -> the label of each index, as sweep_grid
+    passes its axes) and carrying the results. Results of sweeps without NaN are unchanged.
     """
     cfg = model.config
     if mesh is not None and model.mesh is not None:
@@ -361,6 +412,8 @@ def sweep(
         pending = nxt
     if bar is not None:
         bar.close()
+    if not allow_nan:
+        _check_nan(results, cells, cell_labels, desc)
     return results
 
 
@@ -370,5 +423,5 @@ def sweep_grid(model, tokens, axes: dict, cell_fn, *, name: str, metric=None, **
     shape = tuple(len(l) for l in axes.values())
     grid = np.indices(shape).reshape(len(shape), -1).astype(np.int32)
     cells = dict(zip(axes, grid))
-    out = np.asarray(sweep(model, tokens, cells, cell_fn, metric=metric, desc=name, **kw))
+    out = np.asarray(sweep(model, tokens, cells, cell_fn, metric=metric, desc=name, cell_labels=axes, **kw))
     return label_grid(out.reshape(shape + out.shape[1:]), axes, metric, name=name)

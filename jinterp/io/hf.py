@@ -36,9 +36,43 @@ def read_config(directory, supported: Collection[str]):
             f"unsupported architecture {arch!r} (model_type {model_type!r}) in {cfg_file}. "
             f"jinterp supports model types: {', '.join(sorted(supported))}."
         )
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UnsupportedArchitecture(
+            f"{cfg_file} describes a quantized checkpoint (quantization_config, quant_method {method!r}); jinterp "
+            "does not dequantize. Load the unquantized (float) weights of this model."
+        )
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(directory))
+    hf = AutoConfig.from_pretrained(str(directory))
+    check_options(hf)
+    return hf
+
+
+# every layer type the decoder implements (jinterp.arch: full causal attention, or a sliding window)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_options(hf) -> None:
+    """Refuse HF config options that change what a supported model computes and that jinterp does
+    not implement, naming the option (rather than load and quietly compute something else).
+
+    Options a family implements or refuses itself are checked in its file (e.g. GPT-2's
+    scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn, GPT-J without rotary_dim); rotary
+    scaling types in `rope_settings`; dropout and training-only fields do not change inference."""
+    mt = getattr(hf, "model_type", "?")
+    if getattr(hf, "use_bidirectional_attention", None):
+        raise UnsupportedArchitecture(
+            f"{mt} with use_bidirectional_attention=True (non-causal attention) is not supported: jinterp's "
+            "decoder is causal. Set it to false (or remove it) in config.json for the causal model."
+        )
+    types = getattr(hf, "layer_types", None) or ()
+    unknown = sorted({str(t) for t in types} - set(LAYER_TYPES))
+    if unknown:
+        raise UnsupportedArchitecture(
+            f"{mt} layer_types {unknown} are not supported (jinterp implements {', '.join(LAYER_TYPES)})"
+        )
 
 
 def hf_attr(hf, *names, default=None):

@@ -26,6 +26,49 @@ class CheckpointError(ValueError):
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_FLOAT = ("F64", "F32", "F16", "BF16")  # the storage dtypes a parameter may have
+
+# 16-bit floats: a value is NaN or inf exactly when its exponent bits are all ones, i.e. when its
+# bits without the sign reach this threshold
+_INF_BITS = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80}
+_CHUNK = 1 << 22  # elements per step of the finiteness scan: bounds its temporary to a few MB
+
+
+def all_finite(a) -> bool:
+    """Whether the numpy array `a` holds no NaN or inf: one pass, no full-size temporary. float32 /
+    float64 by a chunked self dot product (NaN and inf propagate; a finite array whose sum of squares
+    overflowed is then rescanned exactly), 16-bit floats by their exponent bits; ints are finite."""
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.inexact) and a.dtype not in _INF_BITS:
+        return True
+    flat = a.reshape(-1)
+    lim = _INF_BITS.get(a.dtype)
+    if lim is not None:
+        u = flat.view(np.uint16)
+        tmp = np.empty(min(_CHUNK, u.size), np.uint16)
+        for i in range(0, u.size, _CHUNK):
+            t = tmp[: len(u[i : i + _CHUNK])]
+            np.bitwise_and(u[i : i + _CHUNK], 0x7FFF, out=t)
+            if t.size and int(t.max()) >= lim:
+                return False
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(0, flat.size, _CHUNK):
+            part = flat[i : i + _CHUNK]
+            if not np.isfinite(np.dot(part, part)) and not np.isfinite(part).all():
+                return False
+    return True
+
+
+def nonfinite_summary(a) -> str:
+    """'3 NaN and 1 inf values, the first at index (1, 0, 7)' for an array that is not all finite."""
+    a = np.asarray(a)
+    bad = ~np.isfinite(a.astype(np.float32) if a.dtype in _INF_BITS else a)
+    n_nan = int(np.isnan(a.astype(np.float32) if a.dtype in _INF_BITS else a).sum())
+    n_inf = int(bad.sum()) - n_nan
+    first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else ()
+    what = " and ".join(f"{n} {k}" for n, k in ((n_nan, "NaN"), (n_inf, "inf")) if n)
+    return f"{what} value{'s' if int(bad.sum()) > 1 else ''}, the first at index {first}"
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -39,9 +82,11 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Lazy:
-    """A parameter read on demand: build(dtype) -> a 64-byte-aligned numpy array in that dtype."""
+    """A parameter read on demand: build(dtype) -> a 64-byte-aligned numpy array in that dtype.
+    name: the checkpoint tensor it comes from ("{}" for the layer index of a stacked one), for errors."""
 
     build: Callable[[np.dtype], np.ndarray]
+    name: str = ""
 
 
 def zeros(shape) -> Lazy:
@@ -135,7 +180,14 @@ class Reader:
                 + (f" (expected shape {list(shape)})" if shape else "")
                 + ". Is it the right model type, and complete?"
             )
-        h = self._handles[self._where[full]]
+        f = self._where[full]
+        stored = self._headers[f][0][full]["dtype"]
+        if stored not in _FLOAT:
+            raise CheckpointError(
+                f"tensor {full!r} in {f} is stored as {stored}, not as floats; jinterp reads float weights "
+                "(F32, F16, BF16, F64) only. A quantized checkpoint? Load the unquantized weights."
+            )
+        h = self._handles[f]
         got = tuple(h.get_slice(full).get_shape())
         if shape is not None and got != tuple(shape):
             raise CheckpointError(
@@ -193,7 +245,7 @@ class Reader:
                 out[...] = self.read(name)
             return out
 
-        return Lazy(build)
+        return Lazy(build, full)
 
     def stack(self, fmt: str, n_layers: int, shape: tuple | None = None, fn: Callable | None = None) -> Lazy:
         """fmt.format(l) for every layer (each checked now against shape), mapped by fn and stacked on a
@@ -211,7 +263,7 @@ class Reader:
                 out[l] = a
             return out
 
-        return Lazy(build)
+        return Lazy(build, (self.prefix if self.prefix + fmt.format(0) in self._where else "") + fmt)
 
     def unused(self) -> list[str]:
         return [n for n in self._where if n not in self.used]

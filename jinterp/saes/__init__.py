@@ -16,7 +16,7 @@ from __future__ import annotations
 from jinterp.saes.dictionary import CrossLayerTranscoder, Dictionary
 from jinterp.saes.formats import FORMATS, DictionaryError, detect, load
 from jinterp.saes.hooks import site_width, to_site
-from jinterp.saes.splice import Splice, ablation_sweep, acts_name, feature_attribution, run_with_features, splice
+from jinterp.saes.splicing import Splice, ablation_sweep, acts_name, feature_attribution, run_with_features, splice
 from jinterp.saes import train  # training: train.fit, train.save_saelens
 
 __all__ = ["CrossLayerTranscoder", "Dictionary", "DictionaryError", "FORMATS", "Splice", "ablation_sweep", "acts_name",

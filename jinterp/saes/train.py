@@ -502,7 +502,7 @@ def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, ba
     With skip_bos, position 0 is left out of l0 / explained variance and neither ablated nor
     spliced (as in training). Rows are processed in batches of `batch_size`; the CE numbers are
     token-weighted means over all of them."""
-    from jinterp.saes.splice import splice
+    from jinterp.saes.splicing import splice
 
     d = dictionary
     layers = d.layers if d.stacked else (d.layer,)
