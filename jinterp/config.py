@@ -39,6 +39,16 @@ def _check_choice(field: str, value, valid) -> None:
         raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
 
 
+def _check_scaling(field: str, s: dict) -> str:
+    """The rope_type of rotary-scaling settings s, checked to be known and to carry the keys it needs."""
+    kind = s.get("rope_type", "default")
+    _check_choice("rope_type", kind, ROPE_TYPES)
+    missing = [k for k in ROPE_TYPES[kind] if k not in s]
+    if missing:
+        raise ValueError(f"rope_type {kind!r} needs {field} keys {', '.join(ROPE_TYPES[kind])}; missing {', '.join(missing)}")
+    return kind
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     family: str
@@ -59,6 +69,12 @@ class Config:
     # Rotary scaling as a sorted tuple of (key, value) pairs, e.g. (("factor", 8.0), ("rope_type", "llama3"), ...);
     # a dict is accepted and stored that way. Empty = default rotary.
     rope_scaling: tuple = ()
+    # Rotary settings of the sliding-window layers (windows[l] > 0) where they differ from the other layers'
+    # (HF's rope_parameters by layer type; Gemma 3: rope_local_base_freq, global layers maybe "linear"-scaled).
+    # None: every layer rotates with rope_theta / rope_scaling. local_rope_scaling is read only when
+    # local_rope_theta is set: (key, value) pairs as rope_scaling, empty = default rotary; no longrope.
+    local_rope_theta: float | None = None
+    local_rope_scaling: tuple = ()
     act: str = "gelu_new"  # one of ACTIVATIONS
     mlp: str = "dense"  # one of MLPS
     parallel_residual: bool = False
@@ -86,6 +102,9 @@ class Config:
         scaling = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
         hashable = lambda v: tuple(v) if isinstance(v, (list, tuple, np.ndarray)) else v  # longrope's factor lists
         object.__setattr__(self, "rope_scaling", tuple(sorted((k, hashable(v)) for k, v in scaling)))
+        local = self.local_rope_scaling
+        local = local.items() if isinstance(local, dict) else local
+        object.__setattr__(self, "local_rope_scaling", tuple(sorted((k, hashable(v)) for k, v in local)))
         object.__setattr__(self, "windows", tuple(self.windows))
         for f in SIZES:
             v = getattr(self, f)
@@ -104,11 +123,16 @@ class Config:
         if self.positional == "rotary" and not (0 < self.rotary_dim <= self.d_head and self.rotary_dim % 2 == 0):
             raise ValueError(f"rotary_dim must be even and in 2..d_head ({self.d_head}) for rotary positions, got {self.rotary_dim}")
         s = dict(self.rope_scaling)
-        kind = s.get("rope_type", "default")
-        _check_choice("rope_type", kind, ROPE_TYPES)
-        missing = [k for k in ROPE_TYPES[kind] if k not in s]
-        if missing:
-            raise ValueError(f"rope_type {kind!r} needs rope_scaling keys {', '.join(ROPE_TYPES[kind])}; missing {', '.join(missing)}")
+        kind = _check_scaling("rope_scaling", s)
+        if self.local_rope_theta is not None:
+            if self.positional != "rotary":
+                raise ValueError("local_rope_theta (rotary settings of sliding-window layers) needs positional='rotary'")
+            if not self.local_rope_theta > 0:
+                raise ValueError(f"local_rope_theta must be positive, got {self.local_rope_theta!r}")
+            if _check_scaling("local_rope_scaling", dict(self.local_rope_scaling)) == "longrope":
+                raise ValueError("local_rope_scaling cannot be longrope (longrope is implemented for rope_scaling only)")
+        elif self.local_rope_scaling:
+            raise ValueError("local_rope_scaling is read only with local_rope_theta; set both (or neither)")
         if kind == "longrope":
             for k in ("short_factor", "long_factor"):
                 if len(s[k]) != self.rotary_dim // 2:
@@ -135,17 +159,25 @@ class Config:
         return dataclasses.replace(self, **kw)
 
 
-def rope_inv_freq(cfg: Config, long: bool = False) -> np.ndarray:
+def _rope(cfg: Config, local: bool) -> tuple[float, dict]:
+    """(theta, scaling settings) of the global layers, or of the sliding-window ones when local."""
+    if local and cfg.local_rope_theta is not None:
+        return float(cfg.local_rope_theta), dict(cfg.local_rope_scaling)
+    return float(cfg.rope_theta), dict(cfg.rope_scaling)
+
+
+def rope_inv_freq(cfg: Config, long: bool = False, local: bool = False) -> np.ndarray:
     """Inverse frequencies [rotary_dim // 2] as HF computes them (for longrope, the short set unless
-    long; rope_attention_factor gives longrope's cos/sin multiplier)."""
+    long; rope_attention_factor gives longrope's cos/sin multiplier). local: those of the sliding-window
+    layers (cfg.local_rope_theta / local_rope_scaling; the global ones when local_rope_theta is None)."""
     dim = cfg.rotary_dim
+    theta, s = _rope(cfg, local)
     shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    s = dict(cfg.rope_scaling)
     kind = s.get("rope_type", "default")
     if kind == "longrope":
         ext = np.asarray(s["long_factor" if long else "short_factor"], np.float32)
-        return (1.0 / (ext * np.float32(cfg.rope_theta) ** shape)).astype(np.float32)
-    inv = 1.0 / (cfg.rope_theta ** shape)
+        return (1.0 / (ext * np.float32(theta) ** shape)).astype(np.float32)
+    inv = 1.0 / (theta ** shape)
     inv = inv.astype(np.float32)
     if kind == "linear":
         inv = inv / np.float32(s["factor"])
@@ -162,6 +194,6 @@ def rope_inv_freq(cfg: Config, long: bool = False) -> np.ndarray:
     return inv
 
 
-def rope_attention_factor(cfg: Config) -> float:
+def rope_attention_factor(cfg: Config, local: bool = False) -> float:
     """The multiplier on cos and sin (longrope's attention_factor; 1 otherwise)."""
-    return float(dict(cfg.rope_scaling).get("attention_factor", 1.0))
+    return float(_rope(cfg, local)[1].get("attention_factor", 1.0))

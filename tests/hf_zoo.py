@@ -64,6 +64,17 @@ VARIANTS = {
         dict(num_key_value_heads=2, head_dim=12, sliding_window=4, query_pre_attn_scalar=10,
              attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **LLAMA),
     ),
+    # 5 layers, sliding_window_pattern 3: sliding, sliding, global, sliding, sliding (window 4 < SEQ); local and
+    # global rotary bases differ and only the global layers are "linear"-scaled; per-head QK-norm with (1 + w);
+    # head_dim 12 != 32 / 4; GQA
+    "gemma3-local-global": (
+        tf.Gemma3TextConfig,
+        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=12, sliding_window=4, sliding_window_pattern=3, query_pre_attn_scalar=10,
+             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}},
+             **SMALL),
+    ),
     # no pre-norms, post-norms on attention and MLP outputs, QK-norm over all heads at once, biases on q/k/v/o
     "olmo2-postnorm-qknorm": (tf.Olmo2Config, dict(num_key_value_heads=2, attention_bias=True, **LLAMA)),
     # fused qkv / gate_up, rotary on half of each head, longrope: SEQ (12) > original_max_position_embeddings
@@ -92,6 +103,7 @@ MODEL_CLASS = {
     tf.Qwen3Config: tf.Qwen3ForCausalLM,
     tf.GemmaConfig: tf.GemmaForCausalLM,
     tf.Gemma2Config: tf.Gemma2ForCausalLM,
+    tf.Gemma3TextConfig: tf.Gemma3ForCausalLM,
     tf.Olmo2Config: tf.Olmo2ForCausalLM,
     tf.Phi3Config: tf.Phi3ForCausalLM,
     tf.GPTJConfig: tf.GPTJForCausalLM,
@@ -110,6 +122,21 @@ def build(name: str, seed: int = 0):
             p.add_(torch.randn_like(p) * 0.2)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    return model
+
+
+def build_gemma3_multimodal(seed: int = 0):
+    """A perturbed random Gemma3ForConditionalGeneration (tiny SigLIP vision tower) whose text model is the
+    gemma3-local-global variant; jinterp loads its text part only."""
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = tf.Gemma3Config(text_config=dict(VARIANTS["gemma3-local-global"][1]), vision_config=vision, mm_tokens_per_image=4)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
     return model
 
 

@@ -136,8 +136,31 @@ def test_param_shapes_and_sites_from_the_config_alone(pair):
     # a rotary scaling jinterp does not implement is named, never replaced by another
     (hf_zoo.tf.LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, **hf_zoo.LLAMA),
      "rotary scaling 'dynamic' is not supported"),
+    # Gemma 3's rotary settings by layer type: a scaling type on either kind of layer is named with that kind
+    (hf_zoo.tf.Gemma3TextConfig,
+     dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
+          hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=2, **hf_zoo.SMALL),
+     "rotary scaling 'dynamic' on full_attention layers is not supported"),
 ])
 def test_unsupported_options_are_named(tmp_path, cls, kw, match):
     cls(**kw).save_pretrained(str(tmp_path))
     with pytest.raises(jinterp.UnsupportedArchitecture, match=match):
         jinterp.load(str(tmp_path))
+
+
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint loads as its language model (a warning names what is left
+    out), with HF's text-only logits and hidden states."""
+    hf = hf_zoo.build_gemma3_multimodal()
+    path = hf_zoo.save(hf, tmp_path / "m")
+    with pytest.warns(UserWarning, match="text model only"):
+        model = jinterp.load(path)
+    assert model.cfg.family == "gemma3" and model.cfg.n_layers == 5
+    toks = _tokens()
+    with torch.no_grad():
+        out = hf(torch.as_tensor(toks).long(), output_hidden_states=True)
+    logits, cache = model.run_with_cache(toks, names=[f"blocks.{l}.hook_resid_pre" for l in range(5)])
+    _close(logits, out.logits.numpy(), "gemma3 multimodal logits")
+    for l in range(5):
+        _close(cache[f"blocks.{l}.hook_resid_pre"], out.hidden_states[l].numpy(), f"gemma3 multimodal resid_pre {l}")

@@ -103,26 +103,32 @@ def _rms_heads(x, w, eps, scope="head"):
     return (w.astype(F32) * xf).astype(x.dtype)
 
 
-def rotate(cfg: Config, x, pos, long=None):
+def rotate(cfg: Config, x, pos, long=None, local=None):
     """Rotary embedding on the first rotary_dim dims of each head (HF rotate_half convention, or
     GPT-J's rotate_every_two when cfg.rotary_interleaved).
 
     x: [B, S, heads, dh]; pos: [B, S] position ids; long: [B] bool, rows that use longrope's long
-    frequencies (None: the default / short set).
+    frequencies (None: the default / short set); local: traced bool, this layer is a sliding-window one
+    and rotates with cfg.local_rope_theta / local_rope_scaling (read only when local_rope_theta is set).
     """
     inv = jnp.asarray(rope_inv_freq(cfg))
     if long is None:
-        ang = pos.astype(F32)[..., None] * inv  # [B, S, rd/2]
+        inv = inv[None]  # [1, rd/2]
     else:
         inv = jnp.where(long[:, None], jnp.asarray(rope_inv_freq(cfg, long=True)), inv)  # [B, rd/2]
-        ang = pos.astype(F32)[..., None] * inv[:, None, :]
+    factor = rope_attention_factor(cfg)
+    if cfg.local_rope_theta is not None and local is not None:
+        inv = jnp.where(local, jnp.asarray(rope_inv_freq(cfg, local=True))[None], inv)
+        f_local = rope_attention_factor(cfg, local=True)
+        if f_local != factor:
+            factor = jnp.where(local, jnp.float32(f_local), jnp.float32(factor))
+    ang = pos.astype(F32)[..., None] * inv[:, None, :]  # [B, S, rd/2]
     if cfg.rotary_interleaved:
         ang = jnp.repeat(ang, 2, axis=-1)[:, :, None, :]
     else:
         ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
-    factor = rope_attention_factor(cfg)
-    if factor != 1.0:
+    if not (isinstance(factor, float) and factor == 1.0):
         cos, sin = cos * factor, sin * factor
     cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
     rd = cfg.rotary_dim
@@ -169,8 +175,9 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
         k = _rms_heads(k, p["k_norm"]["w"], cfg.norm_eps, cfg.qk_norm_scope)
     if cfg.positional == "rotary":
         long = _longrope_rows(ctx, cols)
-        q = ctx.site("attn.hook_rot_q", rotate(cfg, q, jnp.take(ctx.pos_ids, qcols, axis=1), long), layer, qcols, acts)
-        k = ctx.site("attn.hook_rot_k", rotate(cfg, k, jnp.take(ctx.pos_ids, cols, axis=1), long), layer, cols, acts)
+        local = ctx.windows[layer] > 0
+        q = ctx.site("attn.hook_rot_q", rotate(cfg, q, jnp.take(ctx.pos_ids, qcols, axis=1), long, local), layer, qcols, acts)
+        k = ctx.site("attn.hook_rot_k", rotate(cfg, k, jnp.take(ctx.pos_ids, cols, axis=1), long, local), layer, cols, acts)
     if kv is None:
         keys, vals, kcols = k, v, cols
     else:

@@ -3,11 +3,11 @@
     embed.W_E [V, D]            pos_embed.W_pos [n_ctx, D]           (learned positions only)
     blocks.ln1.{w,b} [L, D]     blocks.ln2.{w,b}                     (b only for LayerNorm; none without
                                                                      pre-norms (OLMo 2), no ln2 with a shared norm (GPT-J))
-    blocks.ln1_post.w, blocks.ln2_post.w                             (post-norms, Gemma 2, OLMo 2)
+    blocks.ln1_post.w, blocks.ln2_post.w                             (post-norms, Gemma 2 and 3, OLMo 2)
     blocks.attn.W_Q [L, H, D, dh]     b_Q [L, H, dh]
     blocks.attn.W_K [L, Hkv, D, dh]   b_K [L, Hkv, dh]   W_V, b_V likewise
     blocks.attn.W_O [L, H, dh, D]     b_O [L, D]
-    blocks.attn.q_norm.w, k_norm.w [L, dh]                           (QK-norm, Qwen3)
+    blocks.attn.q_norm.w, k_norm.w [L, dh]                           (QK-norm, Qwen3, Gemma 3)
         or [L, H, dh], [L, Hkv, dh]                                  (QK-norm over all heads, OLMo 2)
     blocks.mlp.W_in [L, D, F]  b_in [L, F]  W_gate, b_gate (gated)  W_out [L, F, D]  b_out [L, D]
     ln_final.{w,b} [D]          unembed.W_U [D, V]   unembed.b_U [V]

@@ -61,6 +61,9 @@ def check_options(hf) -> None:
     Options a family implements or refuses itself are checked in its file (e.g. GPT-2's
     scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn, GPT-J without rotary_dim); rotary
     scaling types in `rope_settings`; dropout and training-only fields do not change inference."""
+    text = getattr(hf, "text_config", None)
+    if text is not None and text is not hf:
+        check_options(text)  # a multimodal wrapper (Gemma 3): the text model it holds
     mt = getattr(hf, "model_type", "?")
     if getattr(hf, "use_bidirectional_attention", None):
         raise UnsupportedArchitecture(
@@ -88,15 +91,40 @@ def rope_settings(hf, head_dim: int) -> dict:
     """Rotary settings from an HF config, wherever this transformers version keeps them.
 
     transformers 5 keeps them in `rope_parameters`; older configs use rope_theta / rope_scaling /
-    rotary_pct / rotary_emb_base.
+    rotary_pct / rotary_emb_base. rope_parameters keyed by layer type (Gemma 3: full_attention and
+    sliding_attention) give rope_theta / rope_scaling from the full-attention layers and, where the
+    sliding-window layers' differ, local_rope_theta / local_rope_scaling.
     """
     rp = dict(getattr(hf, "rope_parameters", None) or {})
-    if rp and all(isinstance(v, dict) for v in rp.values()):
-        raise UnsupportedArchitecture("per-layer-type rotary settings (rope_parameters by layer type) are not supported")
-    legacy = dict(getattr(hf, "rope_scaling", None) or {})
+    by_type = bool(rp) and all(isinstance(v, dict) for v in rp.values())
+    if not by_type:
+        theta, partial, scaling = _rope_one(hf, rp, legacy=dict(getattr(hf, "rope_scaling", None) or {}))
+        return dict(positional="rotary", rope_theta=theta, rotary_dim=int(head_dim * partial), rope_scaling=scaling)
+    unknown = sorted(set(rp) - set(LAYER_TYPES))
+    if unknown:
+        raise UnsupportedArchitecture(
+            f"rotary settings for layer types {unknown} are not supported (jinterp implements {', '.join(LAYER_TYPES)})")
+    theta, partial, scaling = _rope_one(hf, rp.get("full_attention") or rp["sliding_attention"], what="full_attention")
+    out = dict(positional="rotary", rope_theta=theta, rotary_dim=int(head_dim * partial), rope_scaling=scaling)
+    if "sliding_attention" in rp and "full_attention" in rp:
+        l_theta, l_partial, l_scaling = _rope_one(hf, rp["sliding_attention"], what="sliding_attention")
+        if l_partial != partial:
+            raise UnsupportedArchitecture(
+                f"different partial_rotary_factor on sliding_attention ({l_partial}) and full_attention ({partial}) "
+                "layers is not supported")
+        if dict(l_scaling).get("rope_type") == "longrope":
+            raise UnsupportedArchitecture("rotary scaling 'longrope' on sliding_attention layers is not supported")
+        if (l_theta, l_scaling) != (theta, scaling):
+            out.update(local_rope_theta=l_theta, local_rope_scaling=l_scaling)
+    return out
+
+
+def _rope_one(hf, rp: dict, legacy=None, what=None):
+    """(rope_theta, partial_rotary_factor, rope_scaling pairs) of one set of rotary parameters; rotary
+    scaling types jinterp does not implement raise UnsupportedArchitecture naming them."""
     theta = rp.get("rope_theta", hf_attr(hf, "rope_theta", "rotary_emb_base", default=10000.0))
     partial = rp.get("partial_rotary_factor", hf_attr(hf, "partial_rotary_factor", "rotary_pct", default=1.0))
-    scaling = {**legacy, **{k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}}
+    scaling = {**(legacy or {}), **{k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     keep = {"rope_type": kind}
     if kind == "linear":
@@ -122,13 +150,9 @@ def rope_settings(hf, head_dim: int) -> dict:
             attention_factor=float(attn),
         )
     elif kind not in ROPE_TYPES:
-        raise UnsupportedArchitecture(f"rotary scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    return dict(
-        positional="rotary",
-        rope_theta=float(theta),
-        rotary_dim=int(head_dim * float(partial)),
-        rope_scaling=tuple(sorted(keep.items())),
-    )
+        where = f" on {what} layers" if what else ""
+        raise UnsupportedArchitecture(f"rotary scaling {kind!r}{where} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    return float(theta), float(partial), tuple(sorted(keep.items()))
 
 
 def layer_windows(hf, n_layers: int, all_layers: bool = False) -> tuple:

@@ -217,7 +217,6 @@ def _make_step(cfg, site, feat, layers, pos, src_pos, label_pos, boundless, m, b
     """One jitted Adam step for these cells; learning rates and temperature are traced, so fits
     that differ only in them (or in steps) share the compiled program."""
     opt = optax.scale_by_adam()
-    n = len(layers)
 
     def bases_of(p, temperature):
         q = jax.vmap(orthonormal)(p["W"])
@@ -242,8 +241,6 @@ def _make_step(cfg, site, feat, layers, pos, src_pos, label_pos, boundless, m, b
         return p, state, per_cell
 
     step.init = opt.init
-
-    assert n == len(pos)
     return step
 
 

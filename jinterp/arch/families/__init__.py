@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jinterp.arch.families import gemma, gemma2, gpt2, gptj, llama, mistral, neox, olmo2, phi3, qwen2, qwen3
+from jinterp.arch.families import gemma, gemma2, gemma3, gpt2, gptj, llama, mistral, neox, olmo2, phi3, qwen2, qwen3
 
-FAMILIES: tuple[ModuleType, ...] = (gpt2, neox, gptj, llama, mistral, qwen2, qwen3, gemma, gemma2, olmo2, phi3)
+FAMILIES: tuple[ModuleType, ...] = (gpt2, neox, gptj, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, phi3)
 MODEL_TYPES: dict[str, ModuleType] = {t: fam for fam in FAMILIES for t in fam.MODEL_TYPES}
 
 

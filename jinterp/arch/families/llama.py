@@ -1,6 +1,6 @@
 """Llama 1/2/3: RMSNorm, gated SiLU MLP, GQA/MQA, rotary (default, linear, llama3 scaling).
 
-The mapping here is shared by the Llama-like families (Mistral, Qwen2, Qwen3, Gemma, Gemma 2, OLMo 2),
+The mapping here is shared by the Llama-like families (Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, OLMo 2),
 whose files only set their own knobs.
 """
 
