@@ -68,10 +68,21 @@ SLOW_PREFIXES = ("tests/test_patching.py::test_layer_pos_recipes[mistral-sliding
 # zoo variants (tests/hf_zoo.py) whose every test in a module is slow: a default-run variant covers the family
 SLOW_ZOO = {"tests/test_parity.py": {"phi3-sliding"}}
 
+# zoo variants that, by default, run only the parity check of the logits and every residual site: one
+# variant per family (gpt2, neox-parallel-partial-rotary, llama-gqa-untied-bias, qwen3, gemma2, gemma3,
+# olmo2, phi3-partial-longrope, gptj) runs the padding, generation, bf16 and shape checks too
+SITES_ONLY_ZOO = {"gpt2-untied", "neox-sequential-nobias", "llama-mha", "llama-mqa-tied", "llama-rope-linear",
+                  "llama3-rope", "mistral-sliding", "qwen2-bias-sliding", "gemma-mqa"}
+
 
 def _slow_zoo(item) -> bool:
     spec = getattr(item, "callspec", None)
-    return spec is not None and spec.id in SLOW_ZOO.get(item.nodeid.split("::")[0], ())
+    if spec is None:
+        return False
+    if spec.id in SLOW_ZOO.get(item.nodeid.split("::")[0], ()):
+        return True
+    return (item.nodeid.startswith("tests/test_parity.py::") and spec.id in SITES_ONLY_ZOO
+            and "test_logits_and_every_residual_site" not in item.nodeid)
 
 
 def pytest_collection_modifyitems(config, items):
