@@ -1,8 +1,5 @@
-import atexit
 import gc
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -10,13 +7,9 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# A persistent compilation cache private to this run: modules drop their compiled programs (below), and
-# the same programs compiled again by a later module are read back instead of recompiled. It starts empty
-# and is removed at exit, so the suite writes nothing to the user's cache and its timings do not depend on
-# earlier runs (tests/test_scale_runtime.py and test_sharding.py set their own in their subprocesses).
-_XLA_CACHE = tempfile.mkdtemp(prefix="jinterp-test-xla-")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ["JINTERP_COMPILE_CACHE"] = _XLA_CACHE
+# No persistent compilation cache: the suite writes nothing to the user's cache, and its timings do not
+# depend on earlier runs (tests/test_scale_runtime.py turns it on in its own subprocesses).
+os.environ["JINTERP_COMPILE_CACHE"] = "0"
 
 import jax  # noqa: E402
 
