@@ -76,14 +76,10 @@ def role_swap_pairs(tokenizer, n, seed):
     from experiments.data import ioi as data
 
     g = data.IOIGenerator(tokenizer)
-    tids = np.where(g.template_lengths == 16)[0]
-    b = g.sample(np.random.default_rng(seed), n, templates=tids, order="ABBA")
-    io, s = b.answers[:, 0], b.answers[:, 1]
-    src = b.tokens.copy()
-    src[b.tokens == io[:, None]] = np.broadcast_to(s[:, None], src.shape)[b.tokens == io[:, None]]
-    src[b.tokens == s[:, None]] = np.broadcast_to(io[:, None], src.shape)[b.tokens == s[:, None]]
+    b = g.sample(np.random.default_rng(seed), n, templates=np.where(g.template_lengths == 16)[0], order="ABBA")
+    src, label = data.role_swap(b)
     assert (b.end == b.tokens.shape[1] - 1).all()
-    return b.tokens.astype(np.int64), src.astype(np.int64), s.astype(np.int64)
+    return b.tokens.astype(np.int64), src.astype(np.int64), label.astype(np.int64)
 
 
 def make_random_gpt2_small(d, seed):

@@ -21,13 +21,9 @@ def role_swap_pairs(model, n, seed):
     """Base ABB prompts; source: IO and S swapped everywhere; label: the base's S (the variable
     'which name is repeated' taken from the source). One template length, so END is shared."""
     g = data.IOIGenerator(model.tokenizer)
-    tids = np.where(g.template_lengths == 16)[0]
-    b = g.sample(np.random.default_rng(seed), n, templates=tids, order="ABBA")
-    io, s = b.answers[:, 0], b.answers[:, 1]
-    src = b.tokens.copy()
-    src[b.tokens == io[:, None]] = np.broadcast_to(s[:, None], src.shape)[b.tokens == io[:, None]]
-    src[b.tokens == s[:, None]] = np.broadcast_to(io[:, None], src.shape)[b.tokens == s[:, None]]
-    return b.tokens, src, s
+    b = g.sample(np.random.default_rng(seed), n, templates=np.where(g.template_lengths == 16)[0], order="ABBA")
+    src, label = data.role_swap(b)
+    return b.tokens, src, label
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 import jinterp
 from jinterp import saes
-from jinterp.saes import train
+from jinterp.saes import jumprelu, train
 from jinterp.train import organisms
 
 FIX = Path(__file__).parent / "fixtures" / "saes" / "saelens"
@@ -180,11 +180,11 @@ def test_jumprelu_straight_through_gradient():
     theta = jnp.full(4, 0.2)
     eps = 0.001
     # d/dtheta sum H(pre - theta): -(1/eps) where |pre - theta| < eps/2, else 0; nothing to pre
-    g_pre, g_theta = jax.grad(lambda p, t: train._step_fn(p, t, eps).sum(), argnums=(0, 1))(pre, theta)
+    g_pre, g_theta = jax.grad(lambda p, t: jumprelu.heaviside(p, t, eps).sum(), argnums=(0, 1))(pre, theta)
     np.testing.assert_allclose(g_theta, [0, -1 / eps, -1 / eps, 0], rtol=1e-6)
     np.testing.assert_array_equal(g_pre, 0)
     # JumpReLU: identity gradient to pre where it fires; -(theta/eps) rect(...) to theta
-    g_pre, g_theta = jax.grad(lambda p, t: train._jump(p, t, eps).sum(), argnums=(0, 1))(pre, theta)
+    g_pre, g_theta = jax.grad(lambda p, t: jumprelu.jump(p, t, eps).sum(), argnums=(0, 1))(pre, theta)
     np.testing.assert_array_equal(g_pre, [0, 1, 0, 1])
     np.testing.assert_allclose(g_theta, [0, -0.2 / eps, -0.2 / eps, 0], rtol=1e-6)
 

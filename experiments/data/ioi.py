@@ -247,3 +247,11 @@ def template_means(values: np.ndarray, template: np.ndarray, abba: np.ndarray | 
         m = key == k
         out[m] = v[m].mean(0, keepdims=True)
     return np.moveaxis(out, 0, axis)
+
+
+def role_swap(batch: IOIBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Sources for DAS pairs: each prompt with its IO and S names exchanged everywhere, and the
+    counterfactual label (the base's S: the name the source repeats is the base's IO)."""
+    io, s = batch.answers[:, 0:1], batch.answers[:, 1:2]
+    src = np.where(batch.tokens == io, s, np.where(batch.tokens == s, io, batch.tokens))
+    return src.astype(batch.tokens.dtype), batch.answers[:, 1].copy()

@@ -50,57 +50,17 @@ import numpy as np
 import optax
 
 from jinterp import arch
-from jinterp import edits as E
 from jinterp import sites as S
 from jinterp.saes.dictionary import Dictionary
+from jinterp.saes.evaluate import evaluate, site_names
 from jinterp.saes.formats import DictionaryError
+from jinterp.saes.jumprelu import heaviside, jump
+from jinterp.saes.saelens import save_saelens
 
 ARCHITECTURES = ("relu", "topk", "jumprelu")
 _OURS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
-SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens cfg.json layout written (v6: provenance under "metadata")
-
-
 # ---------------------------------------------------------------------------------------------
 # the pieces of one step
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _jump(pre, theta, eps):
-    """JumpReLU pre * H(pre - theta); gradient to pre through the identity where it fires, to theta
-    by the straight-through estimate -(theta/eps) rect((pre - theta)/eps)."""
-    return pre * (pre > theta)
-
-
-def _jump_fwd(pre, theta, eps):
-    return _jump(pre, theta, eps), (pre, theta)
-
-
-def _jump_bwd(eps, res, g):
-    pre, theta = res
-    rect = (jnp.abs((pre - theta) / eps) < 0.5).astype(pre.dtype)
-    return g * (pre > theta), g * (-(theta / eps) * rect)
-
-
-_jump.defvjp(_jump_fwd, _jump_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _step_fn(pre, theta, eps):
-    """Heaviside H(pre - theta); no gradient to pre, -(1/eps) rect((pre - theta)/eps) to theta."""
-    return (pre > theta).astype(pre.dtype)
-
-
-def _step_fwd(pre, theta, eps):
-    return _step_fn(pre, theta, eps), (pre, theta)
-
-
-def _step_bwd(eps, res, g):
-    pre, theta = res
-    rect = (jnp.abs((pre - theta) / eps) < 0.5).astype(pre.dtype)
-    return jnp.zeros_like(pre), g * (-(1.0 / eps) * rect)
-
-
-_step_fn.defvjp(_step_fwd, _step_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +107,7 @@ def _encode(p, x, spec: _Spec):
         rows = jnp.arange(pre.shape[0])[:, None]
         return jnp.zeros_like(pre).at[rows, idx].set(jax.nn.relu(vals)), pre
     theta = jnp.broadcast_to(jnp.exp(p["log_threshold"]), pre.shape)
-    return _jump(pre, theta, spec.bandwidth), pre
+    return jump(pre, theta, spec.bandwidth), pre
 
 
 def _layer_loss(p, x, y, coeff, spec: _Spec):
@@ -159,7 +119,7 @@ def _layer_loss(p, x, y, coeff, spec: _Spec):
         sparsity = jnp.abs(f).sum(-1).mean()
     elif spec.architecture == "jumprelu":
         theta = jnp.broadcast_to(jnp.exp(p["log_threshold"]), pre.shape)
-        sparsity = _step_fn(pre, theta, spec.bandwidth).sum(-1).mean()
+        sparsity = heaviside(pre, theta, spec.bandwidth).sum(-1).mean()
     else:
         sparsity = jnp.zeros((), mse.dtype)
     loss = mse + coeff * sparsity
@@ -196,15 +156,10 @@ def _train_step(params, opt_state, since_fired, model_params, tokens, scale_in, 
     return params, opt_state, since_fired, {"loss": losses, **aux}
 
 
-def _names(cfg, site, out_site):
-    """The site (and output site) at every layer: one recorded program serves any choice of layers."""
-    return [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in dict.fromkeys((site, out_site))]
-
-
 def _first_stats(model, tokens, spec: _Spec):
     """Per layer, from the first batch: mean |x|, mean |y|, mean of y, and d_in (through the model's
     own compiled run_with_cache, which evaluate reuses)."""
-    names = _names(spec.cfg, spec.site, spec.out_site)
+    names = site_names(spec.cfg, spec.site, spec.out_site)
     _, cache = model.run_with_cache(tokens, names=names)
 
     def flat(local):
@@ -475,169 +430,3 @@ def fit(
         "decoder": "unit-norm rows (renormalised after every step)", "model": getattr(model, "name", None),
     }
     return TrainedDictionaries(d, history, np.asarray(since), config, seconds, getattr(model, "name", None), context_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-
-
-def _ce(logits, tokens):
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    return float(-jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean())
-
-
-def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, batch_size: int = 64) -> dict:
-    """Held-out metrics of each layer's dictionary on `tokens` [N, P]: {layer: {...}} with
-
-    l0                  mean number of active features per token
-    explained_variance  1 - sum |y - y_hat|^2 / sum |y - mean y|^2 (y: the site for an SAE, the
-                        transcoder's output site for a transcoder)
-    ce_clean, ce_zero_ablated, ce_spliced   mean next-token loss: the clean model; the site (an
-                        SAE's, or a transcoder's output site) zero-ablated at that layer; the site
-                        replaced by the dictionary's output (an SAE: `splice(sae, keep_error=False)`;
-                        a transcoder: its output site patched with the prediction from the clean
-                        input, which is exact because the input is upstream of the output)
-    ce_loss_recovered   (ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean)
-
-    With skip_bos, position 0 is left out of l0 / explained variance and neither ablated nor
-    spliced (as in training). Rows are processed in batches of `batch_size`; the CE numbers are
-    token-weighted means over all of them."""
-    from jinterp.saes.splicing import splice
-
-    d = dictionary
-    layers = d.layers if d.stacked else (d.layer,)
-    toks = np.asarray(tokens)
-    if toks.ndim != 2:
-        raise ValueError(f"tokens must be [N, pos], got shape {toks.shape}")
-    P = toks.shape[1]
-    pos = list(range(1, P)) if skip_bos else None
-    site_out = d.out_site or d.site
-    acc = {l: {"l0": 0.0, "err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "ce_zero": 0.0, "ce_spliced": 0.0}
-           for l in layers}
-    ce_clean, n_rows = 0.0, 0
-    for i in range(0, len(toks), batch_size):
-        tb, _ = model.prepare_inputs(toks[i:i + batch_size])
-        B = tb.shape[0]
-        logits, cache = model.run_with_cache(tb, names=_names(model.config, d.site, site_out))
-        ce_clean += _ce(logits, tb) * B
-        n_rows += B
-        for l in layers:
-            one = d[l] if d.stacked else d
-            x = cache[f"blocks.{l}.{d.site}"].astype(jnp.float32)
-            y = cache[f"blocks.{l}.{site_out}"].astype(jnp.float32)
-            f = one.encode(x)
-            y_hat = one(x)
-            sl = slice(1, None) if skip_bos else slice(None)
-            yf = y[:, sl].reshape(-1, one.d_out)
-            a = acc[l]
-            a["l0"] += float((f[:, sl] > 0).sum())
-            a["err"] += float(((yf - y_hat[:, sl].reshape(-1, one.d_out)) ** 2).sum())
-            a["sum_y"] = a["sum_y"] + np.asarray(yf.sum(0), np.float64)
-            a["sum_y2"] += float((yf.astype(jnp.float32) ** 2).sum())
-            a["n"] += yf.shape[0]
-            if one.is_transcoder:
-                zero = E.zero_ablate(site_out, layers=l, pos=pos)
-                spl = E.patch(site_out, y_hat.reshape(y.shape), layers=l, pos=pos)
-            else:
-                zero = E.zero_ablate(d.site, layers=l, pos=pos)
-                # layer=None, layers=l: the layer is a leaf of the edit, so every layer shares one program
-                spl = splice(dataclasses.replace(one, layer=None), keep_error=False, pos=pos, layers=l)
-            a["ce_zero"] += _ce(model(tb, edits=[zero]), tb) * B
-            a["ce_spliced"] += _ce(model(tb, edits=[spl]), tb) * B
-    out = {}
-    ce_clean /= n_rows
-    for l in layers:
-        a = acc[l]
-        var = a["sum_y2"] - float((np.asarray(a["sum_y"]) ** 2).sum()) / a["n"]
-        ce_zero, ce_spl = a["ce_zero"] / n_rows, a["ce_spliced"] / n_rows
-        out[int(l)] = {
-            "l0": a["l0"] / a["n"],
-            "explained_variance": 1.0 - a["err"] / max(var, 1e-30),
-            "ce_clean": ce_clean,
-            "ce_zero_ablated": ce_zero,
-            "ce_spliced": ce_spl,
-            "ce_loss_recovered": (ce_zero - ce_spl) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
-        }
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# SAELens format
-
-
-def _saelens_architecture(d: Dictionary) -> str:
-    if not d.is_transcoder:
-        return d.architecture
-    if d.architecture in ("standard", "jumprelu"):
-        base = "transcoder" if d.architecture == "standard" else "jumprelu_transcoder"
-        if d.W_skip is not None:
-            base = base.replace("transcoder", "skip_transcoder")
-        return base
-    raise DictionaryError(f"SAELens has no {d.architecture} transcoder architecture; cannot save {d!r} in its format")
-
-
-def save_saelens(d: Dictionary, path, *, model_name: str | None = None, context_size: int | None = None,
-                 metadata: dict | None = None) -> Path:
-    """Write one layer's dictionary as a SAELens 6 directory: cfg.json + sae_weights.safetensors
-    (W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc, b_dec, threshold for JumpReLU, W_skip
-    [d_out, d_in] for skip transcoders), loadable by `SAE.load_from_disk` and `jinterp.saes.load`.
-    cfg.json has SAELens's own keys (`metadata.hook_name` is the TransformerLens hook name, e.g.
-    blocks.3.hook_resid_post; `metadata.sae_lens_version` names the cfg layout written, and
-    `sae_lens_training_version` is null because SAELens did not train it). Refuses a non-empty `path`."""
-    from safetensors.numpy import save_file
-
-    if not isinstance(d, Dictionary):
-        raise DictionaryError(f"save_saelens takes a saes.Dictionary, got {type(d).__name__}")
-    if d.stacked:
-        raise DictionaryError("save one layer at a time: save_saelens(dictionary[layer], path)")
-    if d.site_name is None:
-        raise DictionaryError(f"{d!r} does not say which site it reads; SAELens needs a hook_name")
-    arch_name = _saelens_architecture(d)
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DictionaryError(f"{path} exists and is not empty; choose a new directory (nothing was overwritten)")
-    dtype = str(jnp.dtype(d.W_enc.dtype))
-    tensors = {"W_enc": d.W_enc, "W_dec": d.W_dec, "b_dec": d.b_dec}
-    if d.architecture == "gated":
-        tensors.update(b_gate=d.b_gate, r_mag=d.r_mag, b_mag=d.b_mag)
-    else:
-        tensors["b_enc"] = d.b_enc
-    if d.architecture == "jumprelu":
-        tensors["threshold"] = d.threshold
-    if d.W_skip is not None:
-        tensors["W_skip"] = jnp.swapaxes(d.W_skip, -1, -2)
-    arrays = {}
-    for n, v in tensors.items():
-        a = np.ascontiguousarray(np.asarray(v))
-        if not np.isfinite(a.astype(np.float32)).all():
-            raise DictionaryError(f"refusing to save non-finite values in {n}")
-        arrays[n] = a
-    from jinterp import __version__
-
-    meta = {
-        "sae_lens_version": SAELENS_FORMAT_VERSION,
-        "sae_lens_training_version": None,
-        "model_name": model_name,
-        "hook_name": d.site_name,
-        "hook_head_index": None,
-        "prepend_bos": True,
-        "context_size": context_size,
-    }
-    if d.is_transcoder:
-        meta["hook_name_out"] = d.out_site_name
-        meta["hook_head_index_out"] = None
-    meta["trained_with"] = f"jinterp {__version__}"
-    meta.update(metadata or {})
-    cfg = {"d_in": d.d_in, "d_sae": d.d_sae, "dtype": dtype, "device": "cpu",
-           "apply_b_dec_to_input": bool(d.apply_b_dec_to_input), "normalize_activations": d.normalize,
-           "reshape_activations": "hook_z" if d.hook_z else "none", "metadata": meta}
-    if d.is_transcoder:
-        cfg["d_out"] = d.d_out
-    if d.architecture == "topk":
-        cfg["k"] = int(d.k)
-        cfg["rescale_acts_by_decoder_norm"] = bool(d.rescale_acts_by_decoder_norm)
-    cfg["architecture"] = arch_name
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(path / "sae_weights.safetensors"))
-    (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    return path

@@ -1,0 +1,97 @@
+"""Held-out metrics of trained dictionaries: L0, explained variance, CE loss recovered when spliced."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinterp import edits as E
+from jinterp.saes.dictionary import Dictionary
+
+
+def site_names(cfg, site, out_site):
+    """The site (and output site) at every layer: one recorded program serves any choice of layers."""
+    return [f"blocks.{l}.{s}" for l in range(cfg.n_layers) for s in dict.fromkeys((site, out_site))]
+
+
+def _ce(logits, tokens):
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    return float(-jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean())
+
+
+def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, batch_size: int = 64) -> dict:
+    """Held-out metrics of each layer's dictionary on `tokens` [N, P]: {layer: {...}} with
+
+    l0                  mean number of active features per token
+    explained_variance  1 - sum |y - y_hat|^2 / sum |y - mean y|^2 (y: the site for an SAE, the
+                        transcoder's output site for a transcoder)
+    ce_clean, ce_zero_ablated, ce_spliced   mean next-token loss: the clean model; the site (an
+                        SAE's, or a transcoder's output site) zero-ablated at that layer; the site
+                        replaced by the dictionary's output (an SAE: `splice(sae, keep_error=False)`;
+                        a transcoder: its output site patched with the prediction from the clean
+                        input, which is exact because the input is upstream of the output)
+    ce_loss_recovered   (ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean)
+
+    With skip_bos, position 0 is left out of l0 / explained variance and neither ablated nor
+    spliced (as in training). Rows are processed in batches of `batch_size`; the CE numbers are
+    token-weighted means over all of them."""
+    from jinterp.saes.splicing import splice
+
+    d = dictionary
+    layers = d.layers if d.stacked else (d.layer,)
+    toks = np.asarray(tokens)
+    if toks.ndim != 2:
+        raise ValueError(f"tokens must be [N, pos], got shape {toks.shape}")
+    P = toks.shape[1]
+    pos = list(range(1, P)) if skip_bos else None
+    site_out = d.out_site or d.site
+    acc = {l: {"l0": 0.0, "err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "ce_zero": 0.0, "ce_spliced": 0.0}
+           for l in layers}
+    ce_clean, n_rows = 0.0, 0
+    for i in range(0, len(toks), batch_size):
+        tb, _ = model.prepare_inputs(toks[i:i + batch_size])
+        B = tb.shape[0]
+        logits, cache = model.run_with_cache(tb, names=site_names(model.config, d.site, site_out))
+        ce_clean += _ce(logits, tb) * B
+        n_rows += B
+        for l in layers:
+            one = d[l] if d.stacked else d
+            x = cache[f"blocks.{l}.{d.site}"].astype(jnp.float32)
+            y = cache[f"blocks.{l}.{site_out}"].astype(jnp.float32)
+            f = one.encode(x)
+            y_hat = one(x)
+            sl = slice(1, None) if skip_bos else slice(None)
+            yf = y[:, sl].reshape(-1, one.d_out)
+            a = acc[l]
+            a["l0"] += float((f[:, sl] > 0).sum())
+            a["err"] += float(((yf - y_hat[:, sl].reshape(-1, one.d_out)) ** 2).sum())
+            a["sum_y"] = a["sum_y"] + np.asarray(yf.sum(0), np.float64)
+            a["sum_y2"] += float((yf.astype(jnp.float32) ** 2).sum())
+            a["n"] += yf.shape[0]
+            if one.is_transcoder:
+                zero = E.zero_ablate(site_out, layers=l, pos=pos)
+                spl = E.patch(site_out, y_hat.reshape(y.shape), layers=l, pos=pos)
+            else:
+                zero = E.zero_ablate(d.site, layers=l, pos=pos)
+                # layer=None, layers=l: the layer is a leaf of the edit, so every layer shares one program
+                spl = splice(dataclasses.replace(one, layer=None), keep_error=False, pos=pos, layers=l)
+            a["ce_zero"] += _ce(model(tb, edits=[zero]), tb) * B
+            a["ce_spliced"] += _ce(model(tb, edits=[spl]), tb) * B
+    out = {}
+    ce_clean /= n_rows
+    for l in layers:
+        a = acc[l]
+        var = a["sum_y2"] - float((np.asarray(a["sum_y"]) ** 2).sum()) / a["n"]
+        ce_zero, ce_spl = a["ce_zero"] / n_rows, a["ce_spliced"] / n_rows
+        out[int(l)] = {
+            "l0": a["l0"] / a["n"],
+            "explained_variance": 1.0 - a["err"] / max(var, 1e-30),
+            "ce_clean": ce_clean,
+            "ce_zero_ablated": ce_zero,
+            "ce_spliced": ce_spl,
+            "ce_loss_recovered": (ce_zero - ce_spl) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+        }
+    return out
