@@ -183,11 +183,11 @@ class Model:
                 f"token id {int(a[b, p])} at batch {b}, position {p} is outside the vocabulary (0..{V - 1}). "
                 "Were these tokens made by another model's tokenizer?"
             )
-        if a.shape[1] + extra_len > self.config.n_ctx:
+        if a.shape[1] + extra_len > self.config.max_len:
             raise InputError(
                 f"sequence of {a.shape[1]} tokens"
                 + (f" plus {extra_len} to generate" if extra_len else "")
-                + f" is longer than this model's context of {self.config.n_ctx}; truncate the input"
+                + f" is longer than this model's context of {self.config.max_len}; truncate the input"
             )
         if attention_mask is not None:
             m = np.asarray(attention_mask)

@@ -5,7 +5,8 @@ Parameters follow jinterp.sharding's rules exactly (norm weights stay float32, a
 Activations and cache are estimates of what is live: a forward's residual-sized tensors (x6), its
 MLP hidden (x3), attention scores and pattern (2 x B*H*T*T) and the logits (B*T*V); the cache holds
 every site `run_with_cache` records, sized by the site's layout. Head, d_mlp and vocabulary axes
-are divided by the mesh's "model" axis. The sweep chunk is the size the driver picks: as many cells
+are divided by the mesh's "model" axis. A mixture of experts' MLP hidden is n_experts wide (every
+expert runs on every token), divided by the "expert" axis. The sweep chunk is the size the driver picks: as many cells
 as fit in engine.plan.chunk_budget: MEMORY_FRACTION of the device's memory left free by the
 parameters and the base run (`memory` is the device's free memory before loading).
 """
@@ -128,6 +129,8 @@ def plan(source, batch: int, seq: int, *, mesh=None, dtype="float32", n_cells=No
         params += sharding.per_device_bytes(s.shape, spec, shape, 4 if norm else item)
     m = sharding.axis_size(shape, sharding.MODEL)
     B, T, D, H, F, V = batch, seq, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
+    if cfg.mlp == "moe":  # every expert runs on every token (arch/moe.py): E hidden widths, split over "expert"
+        F = F * cfg.n_experts / sharding.axis_size(shape, sharding.EXPERT) + cfg.d_shared
     acts = item * B * T * (6 * D + (3 * F + 2 * H * T + V) / m)
     block, glob = emitted_sites(cfg)
     per_layer = sum(math.prod(site_shape(cfg, s, B, T).values()) for s in block)

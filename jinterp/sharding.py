@@ -11,6 +11,12 @@ plain FSDP and one named "model" plain tensor parallelism.
     mlp.W_in/W_gate [L, D, F] (-, data, model)  mlp.W_out [L, F, D]  (-, model, data)
     biases follow their weight's head / d_mlp / vocab axis; norms and d_model-sized biases replicate
 
+A mixture-of-experts model may add a third axis, "expert" (expert parallelism): its experts are split
+over it, each expert's width over "model" and d_model over "data" as for a dense MLP; the router and
+the shared expert's gate replicate, the shared expert is split like a dense MLP.
+
+    mlp.experts.W_in/W_gate [L, E, D, F] (-, expert, data, model)   mlp.experts.W_out [L, E, F, D] (-, expert, model, data)
+
 When the vocabulary does not divide by "model" (GPT-2's 50257), the embedding and unembedding split
 d_model over both axes instead. XLA's SPMD partitioner turns these placements into the
 collectives of the forward; results equal the single-device run up to float summation order.
@@ -23,7 +29,7 @@ import itertools
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MODEL, DATA = "model", "data"
+MODEL, DATA, EXPERT = "model", "data", "expert"
 
 
 class ShardingError(ValueError):
@@ -56,8 +62,14 @@ def _suggest(cfg, n_devices: int) -> str:
 
 
 def _problems(cfg, shape) -> list[str]:
-    m, d = axis_size(shape, MODEL), axis_size(shape, DATA)
+    m, d, x = axis_size(shape, MODEL), axis_size(shape, DATA), axis_size(shape, EXPERT)
     out = []
+    if x > 1 and getattr(cfg, "mlp", None) != "moe":
+        out.append(f"the 'expert' axis ({x}) splits the experts of a mixture-of-experts model; this model has none")
+    elif x > 1 and cfg.n_experts % x:
+        out.append(f"n_experts={cfg.n_experts} does not divide by the 'expert' axis ({x})")
+    if getattr(cfg, "d_shared", 0) and cfg.d_shared % m:
+        out.append(f"d_shared={cfg.d_shared} (the shared expert's width) does not divide by the 'model' axis ({m})")
     if cfg.n_heads % m:
         out.append(f"n_heads={cfg.n_heads} does not divide by the 'model' axis ({m})")
     if cfg.n_kv_heads >= m and cfg.n_kv_heads % m:
@@ -75,10 +87,10 @@ def _problems(cfg, shape) -> list[str]:
 def check_mesh(cfg, mesh) -> None:
     """Raise ShardingError naming each dimension the mesh does not divide, with meshes that fit."""
     shape = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
-    unknown = [a for a in shape if a not in (MODEL, DATA)]
+    unknown = [a for a in shape if a not in (MODEL, DATA, EXPERT)]
     if unknown:
-        raise ShardingError(f"mesh axes {unknown} are not used by jinterp; name them 'data' and/or 'model', "
-                            "e.g. jax.make_mesh((2, 4), ('data', 'model'))")
+        raise ShardingError(f"mesh axes {unknown} are not used by jinterp; name them 'data' and/or 'model' (and "
+                            "'expert' for a mixture of experts), e.g. jax.make_mesh((2, 4), ('data', 'model'))")
     bad = _problems(cfg, shape)
     if bad:
         n = 1
@@ -96,6 +108,7 @@ def param_specs(cfg, mesh) -> dict:
     m, d = axis_size(mesh, MODEL), axis_size(mesh, DATA)
     M = MODEL if m > 1 else None
     D = DATA if d > 1 else None
+    X = EXPERT if axis_size(mesh, EXPERT) > 1 else None
     K = M if cfg.n_kv_heads % m == 0 else None
     if cfg.d_vocab % m == 0:
         emb, unemb, b_u = P(M, D), P(D, M), P(M)
@@ -119,6 +132,12 @@ def param_specs(cfg, mesh) -> dict:
         ("mlp", "W_gate"): P(None, D, M),
         ("mlp", "b_gate"): P(None, M),
         ("mlp", "W_out"): P(None, M, D),
+        ("experts", "W_in"): P(None, X, D, M),
+        ("experts", "W_gate"): P(None, X, D, M),
+        ("experts", "W_out"): P(None, X, M, D),
+        ("shared", "W_in"): P(None, D, M),
+        ("shared", "W_gate"): P(None, D, M),
+        ("shared", "W_out"): P(None, M, D),
     }
 
     def spec(path, _):

@@ -26,6 +26,7 @@ _HEADS = ("batch", "pos", "head", "d_head")
 _KV = ("batch", "pos", "kv_head", "d_head")
 _MAP = ("batch", "head", "pos", "key")
 _MLP = ("batch", "pos", "d_mlp")
+_EXPERTS = ("batch", "pos", "expert")
 
 BLOCK_SITES: dict[str, tuple[str, ...]] = {
     "hook_resid_pre": _RESID,
@@ -48,6 +49,15 @@ BLOCK_SITES: dict[str, tuple[str, ...]] = {
     "mlp.hook_pre": _MLP,
     "mlp.hook_pre_linear": _MLP,
     "mlp.hook_post": _MLP,
+    # mixture of experts (cfg.mlp == "moe"): router logits, the routing weights after top-k as a dense array
+    # (zero for experts not chosen), each expert's output before weighting (computed only when asked for),
+    # the sigmoid gate of the shared expert and its gated output. hook_mlp_out = sum_e weights[e] *
+    # expert_out[e] + shared_out.
+    "mlp.hook_router_logits": _EXPERTS,
+    "mlp.hook_expert_weights": _EXPERTS,
+    "mlp.hook_expert_out": ("batch", "pos", "expert", "d_model"),
+    "mlp.hook_shared_gate": _SCALE,
+    "mlp.hook_shared_out": _RESID,
     "ln2_post.hook_scale": _SCALE,
     "hook_mlp_out": _RESID,
     "hook_resid_post": _RESID,
@@ -81,6 +91,11 @@ ALIASES = {
     "pre": "mlp.hook_pre",
     "pre_linear": "mlp.hook_pre_linear",
     "post": "mlp.hook_post",
+    "router_logits": "mlp.hook_router_logits",
+    "expert_weights": "mlp.hook_expert_weights",
+    "expert_out": "mlp.hook_expert_out",
+    "shared_gate": "mlp.hook_shared_gate",
+    "shared_out": "mlp.hook_shared_out",
     "scale1": "ln1.hook_scale",
     "scale2": "ln2.hook_scale",
     "normalized1": "ln1.hook_normalized",

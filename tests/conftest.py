@@ -73,6 +73,10 @@ SLOW_ZOO = {"tests/test_parity.py": {"phi3-sliding"}}
 # olmo2, phi3-partial-longrope, gptj) runs the padding, generation, bf16 and shape checks too
 SITES_ONLY_ZOO = {"gpt2-untied", "neox-sequential-nobias", "llama-mha", "llama-mqa-tied", "llama-rope-linear",
                   "llama3-rope", "mistral-sliding", "qwen2-bias-sliding", "gemma-mqa"}
+# issue 14 item 3 option variants: sites-only here; their generation and padding checks that matter are in
+# tests/test_rope_options.py
+SITES_ONLY_ZOO |= {"llama-rope-dynamic", "llama-rope-yarn", "qwen3-rope-yarn", "llama-rope-proportional",
+                   "neox-rotary5-sequential", "neox-rotary6-parallel", "gpt2-inverse-layer-upcast"}
 
 
 def _slow_zoo(item) -> bool:

@@ -92,6 +92,51 @@ VARIANTS = {
     "gptj-parallel-interleaved": (
         tf.GPTJConfig, dict(n_layer=3, n_embd=32, n_head=4, rotary_dim=6, n_inner=40, vocab_size=V, n_positions=64),
     ),
+    # issue 14 item 3 options (sites-only by default, tests/conftest.py SITES_ONLY_ZOO; tests/test_rope_options.py)
+    # NTK-dynamic rotary: max_position_embeddings 8 < SEQ (12), so the base grows per call
+    "llama-rope-dynamic": (
+        tf.LlamaConfig,
+        dict(LLAMA, num_key_value_heads=2, max_position_embeddings=8,
+             rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000.0}),
+    ),
+    # YaRN with mscale / mscale_all_dim (attention_factor derived) and non-default betas, truncated range
+    "llama-rope-yarn": (
+        tf.LlamaConfig,
+        dict(num_key_value_heads=2, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 100.0,
+             "original_max_position_embeddings": 16, "beta_fast": 8.0, "beta_slow": 0.5, "mscale": 1.0,
+             "mscale_all_dim": 0.5}, **LLAMA),
+    ),
+    # YaRN on Qwen3 (head_dim 16, QK-norm): attention_factor from factor alone, truncate=False
+    "qwen3-rope-yarn": (
+        tf.Qwen3Config,
+        dict(num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "yarn", "factor": 2.0,
+             "rope_theta": 1000.0, "original_max_position_embeddings": 8, "beta_fast": 4.0, "beta_slow": 0.25,
+             "truncate": False}, **LLAMA),
+    ),
+    # Gemma 4's proportional rotary on a Llama: 2 of the 4 frequencies of a 16-dim head, the rest zero
+    "llama-rope-proportional": (
+        tf.LlamaConfig,
+        dict(LLAMA, num_key_value_heads=1, hidden_size=48, num_attention_heads=3,
+             rope_parameters={"rope_type": "proportional", "factor": 1.5, "rope_theta": 100.0, "partial_rotary_factor": 0.5}),
+    ),
+    # rotary_pct giving an odd int(16 * 0.3125) = 5: transformers rotates 6 dims with exponents over 5; sequential
+    "neox-rotary5-sequential": (
+        tf.GPTNeoXConfig,
+        dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3, rotary_pct=0.3125,
+             use_parallel_residual=False, **SMALL),
+    ),
+    # 6 rotary dims (even, not a multiple of 4), parallel residual, untied embed_out
+    "neox-rotary6-parallel": (
+        tf.GPTNeoXConfig,
+        dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3, rotary_pct=0.375,
+             use_parallel_residual=True, tie_word_embeddings=False, **SMALL),
+    ),
+    # scores / (layer + 1), and scores and softmax in float32 (eager attention, as build() sets)
+    "gpt2-inverse-layer-upcast": (
+        tf.GPT2Config,
+        dict(n_layer=3, n_embd=32, n_head=4, vocab_size=V, n_positions=64, scale_attn_by_inverse_layer_idx=True,
+             reorder_and_upcast_attn=True),
+    ),
 }
 
 MODEL_CLASS = {
@@ -110,11 +155,49 @@ MODEL_CLASS = {
 }
 
 
+# mixture-of-experts variants (tests/test_moe.py; kept out of VARIANTS, which every parity test runs): awkward
+# sizes, top-k of 5 or 6 experts, GQA, sliding windows, biases, shared expert with its gate, both norm_topk_prob
+MOE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **SMALL)
+MOE_VARIANTS = {
+    "mixtral-top2of5-sliding": (
+        tf.MixtralConfig, dict(intermediate_size=20, num_local_experts=5, num_experts_per_tok=2, sliding_window=5, **MOE),
+    ),
+    "qwen2moe-shared-bias": (
+        tf.Qwen2MoeConfig,
+        dict(intermediate_size=40, moe_intermediate_size=12, shared_expert_intermediate_size=20, num_experts=5,
+             num_experts_per_tok=2, norm_topk_prob=False, **MOE),
+    ),
+    "qwen3moe-qknorm-norm-topk": (
+        tf.Qwen3MoeConfig,
+        dict(intermediate_size=40, moe_intermediate_size=12, num_experts=6, num_experts_per_tok=3, norm_topk_prob=True,
+             head_dim=12, **MOE),
+    ),
+    "olmoe-qknorm-bias": (
+        tf.OlmoeConfig,
+        dict(intermediate_size=20, num_experts=5, num_experts_per_tok=2, norm_topk_prob=False, attention_bias=True,
+             pad_token_id=0, eos_token_id=None, **MOE),
+    ),
+}
+MODEL_CLASS.update({
+    tf.MixtralConfig: tf.MixtralForCausalLM,
+    tf.Qwen2MoeConfig: tf.Qwen2MoeForCausalLM,
+    tf.Qwen3MoeConfig: tf.Qwen3MoeForCausalLM,
+    tf.OlmoeConfig: tf.OlmoeForCausalLM,
+})
+
+
 def build(name: str, seed: int = 0):
     """A perturbed random HF model (eager attention, eval mode, fp32)."""
-    cls, kw = VARIANTS[name]
+    cls, kw = VARIANTS[name] if name in VARIANTS else MOE_VARIANTS[name]
+    return build_config(cls, kw, seed)
+
+
+def build_config(cls, kw: dict, seed: int = 0):
+    """build() for a config class and its keyword arguments (tests/test_fuzz.py draws them)."""
     cfg = cls(**kw)
     cfg._attn_implementation = "eager"
+    # MoE experts as HF's plain loop: the default grouped_mm path needs widths whose rows are 16-byte multiples
+    cfg._experts_implementation = "eager"
     torch.manual_seed(seed)
     model = MODEL_CLASS[cls](cfg).eval()
     with torch.no_grad():
@@ -122,7 +205,21 @@ def build(name: str, seed: int = 0):
             p.add_(torch.randn_like(p) * 0.2)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+    model.register_forward_pre_hook(lambda m, a: reset_dynamic_rope(m))
     return model
+
+
+def reset_dynamic_rope(model) -> None:
+    """Return every dynamic-rotary module of an HF model to its freshly loaded state. transformers keeps the
+    largest dynamic base it has computed until a call shorter than max_position_embeddings resets it, so a call
+    depends on earlier ones; the zoo's models reset before each forward (a generation step included, where it
+    changes nothing: the length only grows) and compute what a fresh model computes."""
+    for mod in model.modules():
+        for name in [n for n in vars(mod).get("_buffers", {}) if n.endswith("original_inv_freq")]:
+            pre = name[: -len("original_inv_freq")]
+            if hasattr(mod, pre + "max_seq_len_cached") or hasattr(mod, "max_seq_len_cached"):
+                getattr(mod, pre + "inv_freq").copy_(getattr(mod, name))
+                setattr(mod, pre + "max_seq_len_cached", mod.original_max_seq_len)
 
 
 def build_gemma3_multimodal(seed: int = 0):

@@ -154,10 +154,11 @@ def _config(**over):
         (dict(norm="batchnorm"), "unknown norm 'batchnorm'; valid: layernorm, rmsnorm"),
         (dict(positional="alibi"), "unknown positional 'alibi'; valid: learned, rotary"),
         (dict(act="gelu_python"), "unknown act 'gelu_python'; valid: gelu_new, gelu, gelu_pytorch_tanh, gelu_fast, silu, relu"),
-        (dict(mlp="moe"), "unknown mlp 'moe'; valid: dense, gated"),
+        (dict(mlp="mixture"), "unknown mlp 'mixture'; valid: dense, gated, moe"),
+        (dict(mlp="moe", n_experts=4, top_k=5), "top_k=5 experts per token is more than n_experts=4"),
         (dict(matmul_precision="high"), "unknown matmul_precision 'high'; valid: highest, default"),
-        (dict(positional="rotary", rotary_dim=4, rope_scaling={"rope_type": "yarn", "factor": 2.0}),
-         "unknown rope_type 'yarn'; valid: default, linear, llama3"),
+        (dict(positional="rotary", rotary_dim=4, rope_scaling={"rope_type": "ntk", "factor": 2.0}),
+         "unknown rope_type 'ntk'; valid: default, linear, llama3"),
         (dict(positional="rotary", rotary_dim=4, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
          "rope_type 'llama3' needs rope_scaling keys factor, low_freq_factor, high_freq_factor, "
          "original_max_position_embeddings; missing low_freq_factor, high_freq_factor, original_max_position_embeddings"),
@@ -365,10 +366,11 @@ def test_unknown_dtype_lists_the_accepted_ones(gpt2_dir):
      "gemma with use_bidirectional_attention=True"),
     (hf_zoo.tf.Qwen2Config, dict(layer_types=["full_attention", "chunked_attention", "full_attention"], **hf_zoo.LLAMA),
      r"qwen2 layer_types \['chunked_attention'\] are not supported"),
-    (hf_zoo.tf.GPT2Config, dict(n_layer=1, n_embd=8, n_head=2, reorder_and_upcast_attn=True),
-     "GPT-2 with reorder_and_upcast_attn=True is not supported"),
-    (hf_zoo.tf.LlamaConfig, dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, **hf_zoo.LLAMA),
-     "rotary scaling 'yarn' is not supported"),
+    # GPT-2's scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn and rope types yarn / dynamic are
+    # implemented now (tests/test_rope_options.py); a rotary_pct transformers rotates no dims with is not
+    (hf_zoo.tf.GPTNeoXConfig, dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=8,
+                                   rotary_pct=0.1, **hf_zoo.SMALL),
+     r"partial_rotary_factor \(rotary_pct\) 0.1 with head_dim 8 gives 0 rotary dims"),
 ])
 def test_config_options_we_do_not_implement_are_named(tmp_path, cls, kw, match):
     cls(**kw).save_pretrained(str(tmp_path))

@@ -132,16 +132,16 @@ def test_param_shapes_and_sites_from_the_config_alone(pair):
 
 
 @pytest.mark.parametrize("cls,kw,match", [
-    # longrope is implemented (phi3-partial-longrope); other scalings that change the frequencies are not
-    # a rotary scaling jinterp does not implement is named, never replaced by another
-    (hf_zoo.tf.LlamaConfig, dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, **hf_zoo.LLAMA),
-     "rotary scaling 'dynamic' is not supported"),
+    # every rotary scaling transformers computes frequencies for is implemented (tests/test_rope_options.py);
+    # a rotary type jinterp does not implement is named, never replaced by another
+    (hf_zoo.tf.LlamaConfig, dict(rope_parameters={"rope_type": "axial", "rope_theta": 1e4}, **hf_zoo.LLAMA),
+     "rotary scaling 'axial' is not supported"),
     # Gemma 3's rotary settings by layer type: a scaling type on either kind of layer is named with that kind
     (hf_zoo.tf.Gemma3TextConfig,
-     dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
-                           "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}},
+     dict(rope_parameters={"sliding_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                           "full_attention": {"rope_type": "default", "rope_theta": 10.0}},
           hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=2, **hf_zoo.SMALL),
-     "rotary scaling 'dynamic' on full_attention layers is not supported"),
+     "rotary scaling 'dynamic' on sliding_attention layers is not supported"),
 ])
 def test_unsupported_options_are_named(tmp_path, cls, kw, match):
     cls(**kw).save_pretrained(str(tmp_path))

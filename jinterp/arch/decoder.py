@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jinterp.arch import moe
 from jinterp.config import Config, rope_attention_factor, rope_inv_freq
 
 F32 = jnp.float32
@@ -103,19 +104,18 @@ def _rms_heads(x, w, eps, scope="head"):
     return (w.astype(F32) * xf).astype(x.dtype)
 
 
-def rotate(cfg: Config, x, pos, long=None, local=None):
+def rotate(cfg: Config, x, pos, seq=None, local=None):
     """Rotary embedding on the first rotary_dim dims of each head (HF rotate_half convention, or
     GPT-J's rotate_every_two when cfg.rotary_interleaved).
 
-    x: [B, S, heads, dh]; pos: [B, S] position ids; long: [B] bool, rows that use longrope's long
-    frequencies (None: the default / short set); local: traced bool, this layer is a sliding-window one
+    x: [B, S, heads, dh]; pos: [B, S] position ids; seq: [B] each row's sequence length so far, for the
+    scalings decided per call (longrope's long factors, dynamic's grown base; see _rope_seq_lens); None:
+    the static frequencies (longrope's short set); local: traced bool, this layer is a sliding-window one
     and rotates with cfg.local_rope_theta / local_rope_scaling (read only when local_rope_theta is set).
     """
-    inv = jnp.asarray(rope_inv_freq(cfg))
-    if long is None:
-        inv = inv[None]  # [1, rd/2]
-    else:
-        inv = jnp.where(long[:, None], jnp.asarray(rope_inv_freq(cfg, long=True)), inv)  # [B, rd/2]
+    inv = jnp.asarray(rope_inv_freq(cfg))[None]  # [1, rd/2]
+    if seq is not None:
+        inv = _per_call_inv_freq(cfg, seq, inv)  # [B, rd/2]
     factor = rope_attention_factor(cfg)
     if cfg.local_rope_theta is not None and local is not None:
         inv = jnp.where(local, jnp.asarray(rope_inv_freq(cfg, local=True))[None], inv)
@@ -141,18 +141,32 @@ def rotate(cfg: Config, x, pos, long=None, local=None):
     return jnp.concatenate([xr * cos + rot * sin, xp], -1)
 
 
-def _longrope_rows(ctx: Ctx, cols):
-    """[B] bool: rows whose sequence so far (real tokens up to the last of the columns `cols` being
-    computed) is longer than longrope's original_max_position_embeddings, so they rotate with the long
-    factors. transformers decides per call from the largest position id (and its Phi-3 generation
-    recomputes the cache once a sequence outgrows the limit, as arch.generate does); deciding per row
-    gives each sequence of a padded batch what transformers gives it alone. None unless longrope."""
-    s = dict(ctx.cfg.rope_scaling)
-    if s.get("rope_type") != "longrope":
+def _per_call_inv_freq(cfg: Config, seq, inv):
+    """[B, rd/2] frequencies of rows whose sequences are seq [B] long: past original_max_position_embeddings,
+    longrope's long set, or dynamic's, computed as transformers' _compute_dynamic_ntk_parameters does with
+    seq_len = largest position + 1 (in float32, as there); within it, the static set inv [1, rd/2]."""
+    s = dict(cfg.rope_scaling)
+    orig = s["original_max_position_embeddings"]
+    if s["rope_type"] == "longrope":
+        return jnp.where((seq > orig)[:, None], jnp.asarray(rope_inv_freq(cfg, long=True)), inv)
+    dim, factor = cfg.rotary_base_dim or cfg.rotary_dim, s["factor"]
+    n = jnp.maximum(seq, orig).astype(F32)
+    base = jnp.float32(cfg.rope_theta) * ((factor * n / orig) - (factor - 1)) ** (dim / (dim - 2))
+    shape = jnp.asarray(np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    return jnp.where((seq > orig)[:, None], 1.0 / (base[:, None] ** shape[None]), inv)
+
+
+def _rope_seq_lens(ctx: Ctx, cols):
+    """[B] each row's sequence length so far (real tokens up to the last of the columns `cols` being
+    computed), for the rotary scalings transformers decides per call from the largest position id: longrope
+    (long factors past original_max_position_embeddings; its Phi-3 generation recomputes the cache once a
+    sequence outgrows the limit, as arch.generate does) and dynamic (the base grows with the length; cached
+    keys keep the base they were rotated with, as in transformers' generation). Deciding per row gives each
+    sequence of a padded batch what transformers gives it alone. None for the other scalings."""
+    if dict(ctx.cfg.rope_scaling).get("rope_type") not in ("longrope", "dynamic"):
         return None
     upto = ctx.key_valid & (jnp.arange(ctx.key_valid.shape[1]) <= cols[-1])[None]
-    last = jnp.max(jnp.where(upto, ctx.pos_ids, -1), axis=1)
-    return last + 1 > s["original_max_position_embeddings"]
+    return jnp.max(jnp.where(upto, ctx.pos_ids, -1), axis=1) + 1
 
 
 def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
@@ -174,10 +188,10 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
         q = _rms_heads(q, p["q_norm"]["w"], cfg.norm_eps, cfg.qk_norm_scope)
         k = _rms_heads(k, p["k_norm"]["w"], cfg.norm_eps, cfg.qk_norm_scope)
     if cfg.positional == "rotary":
-        long = _longrope_rows(ctx, cols)
+        seq = _rope_seq_lens(ctx, cols)
         local = ctx.windows[layer] > 0
-        q = ctx.site("attn.hook_rot_q", rotate(cfg, q, jnp.take(ctx.pos_ids, qcols, axis=1), long, local), layer, qcols, acts)
-        k = ctx.site("attn.hook_rot_k", rotate(cfg, k, jnp.take(ctx.pos_ids, cols, axis=1), long, local), layer, cols, acts)
+        q = ctx.site("attn.hook_rot_q", rotate(cfg, q, jnp.take(ctx.pos_ids, qcols, axis=1), seq, local), layer, qcols, acts)
+        k = ctx.site("attn.hook_rot_k", rotate(cfg, k, jnp.take(ctx.pos_ids, cols, axis=1), seq, local), layer, cols, acts)
     if kv is None:
         keys, vals, kcols = k, v, cols
     else:
@@ -189,7 +203,12 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     Sq = q.shape[1]
     Hkv, G = cfg.n_kv_heads, cfg.group_size
     qg = q.reshape(B, Sq, Hkv, G, cfg.d_head)
-    scores = ctx.ein("bqkgd,btkd->bkgqt", qg, keys).reshape(B, cfg.n_heads, Sq, T) * jnp.asarray(cfg.scale, q.dtype)
+    if cfg.attn_upcast:  # GPT-2's reorder_and_upcast_attn: scores and softmax in float32
+        qg, keys = qg.astype(F32), keys.astype(F32)
+    scale = jnp.asarray(cfg.scale, qg.dtype)
+    if cfg.attn_scale_inverse_layer:  # GPT-2's scale_attn_by_inverse_layer_idx, in Python floats as transformers
+        scale = jnp.asarray(cfg.scale / np.arange(1, cfg.n_layers + 1), qg.dtype)[layer]
+    scores = ctx.ein("bqkgd,btkd->bkgqt", qg, keys).reshape(B, cfg.n_heads, Sq, T) * scale
     if cfg.attn_softcap:
         scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     valid = ctx.key_valid if kv is not None else jnp.take(ctx.key_valid, cols, axis=1)
@@ -217,6 +236,8 @@ def attn_output(ctx: Ctx, p, z, layer, cols, acts):
 
 def mlp(ctx: Ctx, p, h, layer, cols, acts):
     cfg = ctx.cfg
+    if cfg.mlp == "moe":
+        return moe.mlp(ctx, p, h, layer, cols, acts, activation)
     gated = cfg.mlp == "gated"
     pre = ctx.ein("bsd,df->bsf", h, p["W_gate" if gated else "W_in"]) + p["b_gate" if gated else "b_in"]
     pre = ctx.site("mlp.hook_pre", pre, layer, cols, acts)

@@ -10,6 +10,9 @@
     blocks.attn.q_norm.w, k_norm.w [L, dh]                           (QK-norm, Qwen3, Gemma 3)
         or [L, H, dh], [L, Hkv, dh]                                  (QK-norm over all heads, OLMo 2)
     blocks.mlp.W_in [L, D, F]  b_in [L, F]  W_gate, b_gate (gated)  W_out [L, F, D]  b_out [L, D]
+        mixture of experts instead (no biases): W_router [L, D, E], experts.{W_gate, W_in} [L, E, D, F],
+        experts.W_out [L, E, F, D]; a shared expert shared.{W_gate, W_in} [L, D, Fs], shared.W_out [L, Fs, D];
+        its gate W_shared_gate [L, D]
     ln_final.{w,b} [D]          unembed.W_U [D, V]   unembed.b_U [V]
 
 Biases are always present (zeros where a checkpoint has none), so the block has no branches on
@@ -32,6 +35,10 @@ WEIGHTS = {
     "b_U": ("unembed", "b_U"),
     **{n: ("blocks", "attn", n) for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")},
     **{n: ("blocks", "mlp", n) for n in ("W_in", "b_in", "W_gate", "b_gate", "W_out", "b_out")},
+    "W_router": ("blocks", "mlp", "W_router"),
+    **{f"{n}_experts": ("blocks", "mlp", "experts", n) for n in ("W_in", "W_gate", "W_out")},
+    **{f"{n}_shared": ("blocks", "mlp", "shared", n) for n in ("W_in", "W_gate", "W_out")},
+    "W_shared_gate": ("blocks", "mlp", "W_shared_gate"),
     **{f"{n}_{k}": ("blocks", n, k) for n in ("ln1", "ln2") for k in ("w", "b")},
     "ln_final_w": ("ln_final", "w"),
     "ln_final_b": ("ln_final", "b"),
@@ -87,6 +94,13 @@ def param_shapes(cfg: Config, dtype=jnp.float32) -> dict:
     mlp = {"W_in": s(L, D, F), "b_in": s(L, F), "W_out": s(L, F, D), "b_out": s(L, D)}
     if cfg.mlp == "gated":
         mlp.update(W_gate=s(L, D, F), b_gate=s(L, F))
+    elif cfg.mlp == "moe":
+        E, Fs = cfg.n_experts, cfg.d_shared
+        mlp = {"W_router": s(L, D, E), "experts": {"W_gate": s(L, E, D, F), "W_in": s(L, E, D, F), "W_out": s(L, E, F, D)}}
+        if Fs:
+            mlp["shared"] = {"W_gate": s(L, D, Fs), "W_in": s(L, D, Fs), "W_out": s(L, Fs, D)}
+        if cfg.shared_gate:
+            mlp["W_shared_gate"] = s(L, D)
     blocks = {"attn": attn, "mlp": mlp}
     if cfg.pre_norms:
         blocks["ln1"] = norm(L)

@@ -17,6 +17,8 @@ the prompt) or a boolean mask; `pos` and `key_pos` may be per example, int [batc
 [batch, seq]. `pos` may also be "decode" (the rows that produce new tokens in `generate`: the
 last prompt token and every generated one) or "generated" (generated tokens only).
 
+Mixture-of-experts routing (`experts.py`): ablate_experts (weight 0, or rerouted), force_experts.
+
 What (`ops.py`): Set, SetWhere, Add, Scale, Project, Knockout, Uniform, StopGradient; a new op is one small
 `flax.struct.dataclass` subclassing `Op` with `__call__(self, x, at) -> new`, used with
 `edit(site, MyOp(...), layers=..., pos=...)` and needing no change anywhere else.
@@ -48,12 +50,14 @@ import jax.numpy as jnp
 
 from jinterp import sites as S
 from jinterp.edits.core import At, Edit, Edits, apply, first_col, first_layer, site_shape, validate
+from jinterp.edits.experts import MaskExperts, ablate_experts, force_experts
 from jinterp.edits.ops import Add, Knockout, Op, Project, Scale, Set, SetWhere, StopGradient, Uniform
 from jinterp.edits.select import EditError, Where, member, selector
 from jinterp.edits.values import Value
 
 __all__ = [
-    "Add", "At", "Edit", "EditError", "Edits", "Knockout", "Op", "Project", "Scale", "Set", "SetWhere", "StopGradient",
+    "Add", "At", "Edit", "EditError", "Edits", "Knockout", "MaskExperts", "Op", "Project", "Scale", "Set", "SetWhere",
+    "StopGradient", "ablate_experts", "force_experts",
     "Value", "Where", "apply", "edit", "first_col", "first_layer", "knockout", "mean_ablate", "member", "patch",
     "resample_ablate", "scale", "selector", "site_shape", "splice", "steer", "stop_gradient", "subspace_patch",
     "uniform_attention", "Uniform", "validate", "zero_ablate",

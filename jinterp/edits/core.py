@@ -106,7 +106,7 @@ def apply(e: Edit, x, *, layer, cols, n_prompt, n_keys, n_layers):
 def site_shape(cfg: Config, site: str, batch: int, seq: int) -> dict[str, int]:
     sizes = dict(
         batch=batch, pos=seq, key=seq, d_model=cfg.d_model, head=cfg.n_heads, kv_head=cfg.n_kv_heads,
-        d_head=cfg.d_head, d_mlp=cfg.d_mlp, one=1,
+        d_head=cfg.d_head, d_mlp=cfg.d_mlp, expert=cfg.n_experts, one=1,
     )
     return {ax: sizes[ax] for ax in S.layout(site)}
 

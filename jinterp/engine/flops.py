@@ -8,6 +8,10 @@ The minimum for a cell whose edits start at layer l and position p: layers >= l 
 (keys and values before p come from the base run), attention over causal keys only, the last block's
 queries and MLP only at the positions the metric reads, and logits only at those positions and
 token ids. Plus one base forward, which every exact sweep needs (the cached run cells start from).
+
+Mixture of experts: the decoder runs every expert on every token (arch/moe.py), so the FLOPs performed
+count all n_experts experts per row; the minimum counts the top_k experts a sparse dispatch would run.
+Both count the router and the shared expert.
 """
 
 from __future__ import annotations
@@ -15,20 +19,32 @@ from __future__ import annotations
 import numpy as np
 
 
-def _block(cfg, q_rows, kv_rows, pairs, from_z=False):
+def mlp_flops(cfg, sparse: bool = False) -> int:
+    """Matrix-product FLOPs of one row's MLP. Mixture of experts: every expert (as the decoder computes
+    them), or only the top_k chosen ones when sparse, plus the router and the shared expert."""
+    D, F = cfg.d_model, cfg.d_mlp
+    if cfg.mlp != "moe":
+        return (3 if cfg.mlp == "gated" else 2) * 2 * D * F
+    n = cfg.top_k if sparse else cfg.n_experts
+    return n * 3 * 2 * D * F + 2 * D * cfg.n_experts + 3 * 2 * D * cfg.d_shared + 2 * D * cfg.shared_gate
+
+
+def _block(cfg, q_rows, kv_rows, pairs, from_z=False, sparse=False):
     """One block's FLOPs: q_rows query rows (Q, O, MLP), kv_rows key/value rows, `pairs` (query, key)
-    pairs of scores and mixes; from_z: the block resumes from attention mixes (O and MLP only)."""
-    D, H, K, dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-    mlp = (3 if cfg.mlp == "gated" else 2) * 2 * D * F
+    pairs of scores and mixes; from_z: the block resumes from attention mixes (O and MLP only);
+    sparse: a mixture of experts runs only its chosen experts (see mlp_flops)."""
+    D, H, K, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    mlp = mlp_flops(cfg, sparse)
     qo = 2 * D * H * dh
     if from_z:
         return q_rows * (qo + mlp)
     return q_rows * (2 * qo + mlp) + kv_rows * 4 * D * K * dh + pairs * 4 * H * dh
 
 
-def forward_flops(cfg, batch: int, P: int) -> int:
-    """One full forward of batch x P tokens with logits everywhere (causal attention)."""
-    per_layer = _block(cfg, P, P, P * (P + 1) // 2)
+def forward_flops(cfg, batch: int, P: int, sparse: bool = False) -> int:
+    """One full forward of batch x P tokens with logits everywhere (causal attention); sparse: count a
+    mixture of experts' chosen experts only (mlp_flops)."""
+    per_layer = _block(cfg, P, P, P * (P + 1) // 2, sparse=sparse)
     return int(batch * (cfg.n_layers * per_layer + 2 * cfg.d_model * cfg.d_vocab * P))
 
 
@@ -40,7 +56,8 @@ def minimum_flops(cfg, batch: int, P: int, first_layer, first_pos, positions=Non
     read = np.arange(P) if positions is None else np.asarray(positions)
     V = cfg.d_vocab if n_vocab is None else n_vocab
     L = cfg.n_layers
-    total = forward_flops(cfg, batch, P)
+    total = forward_flops(cfg, batch, P, sparse=True)
+    blk = lambda *a: _block(*a, sparse=True)
     for l, p in zip(np.asarray(first_layer), np.asarray(first_pos)):
         l, p = int(l), int(min(p, P))
         rows = P - p
@@ -50,9 +67,9 @@ def minimum_flops(cfg, batch: int, P: int, first_layer, first_pos, positions=Non
         n_read = int((read >= p).sum())
         last_q = n_read if positions is not None else rows
         last_pairs = sum(q + 1 for q in read if q >= p) if positions is not None else causal
-        per = (L - 1 - l) * _block(cfg, rows, rows, causal) + _block(cfg, last_q, rows, last_pairs)
+        per = (L - 1 - l) * blk(cfg, rows, rows, causal) + blk(cfg, last_q, rows, last_pairs)
         if from_z and l < L - 1:
-            per += _block(cfg, rows, rows, causal, True) - _block(cfg, rows, rows, causal)
+            per += blk(cfg, rows, rows, causal, True) - blk(cfg, rows, rows, causal)
         total += batch * (per + 2 * cfg.d_model * V * n_read)
     return int(total)
 

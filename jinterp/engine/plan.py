@@ -57,7 +57,8 @@ def position_buckets(P: int, min_width: int = 4) -> list[int]:
 
 def bytes_per_cell(cfg, B, S, P, n_pos, n_vocab, itemsize) -> int:
     """A rough peak of one cell's live activations: the widest layer intermediates plus its logits."""
-    per_row = 6 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * P
+    mlp = cfg.d_mlp * cfg.n_experts + cfg.d_shared if cfg.mlp == "moe" else cfg.d_mlp  # MoE: every expert runs
+    per_row = 6 * cfg.d_model + 3 * mlp + 2 * cfg.n_heads * P
     return 2 * itemsize * B * (S * per_row + n_pos * n_vocab)
 
 

@@ -99,24 +99,40 @@ def rope_settings(hf, head_dim: int) -> dict:
     by_type = bool(rp) and all(isinstance(v, dict) for v in rp.values())
     if not by_type:
         theta, partial, scaling = _rope_one(hf, rp, legacy=dict(getattr(hf, "rope_scaling", None) or {}))
-        return dict(positional="rotary", rope_theta=theta, rotary_dim=int(head_dim * partial), rope_scaling=scaling)
+        return dict(positional="rotary", rope_theta=theta, rope_scaling=scaling, **_rotary_dims(head_dim, partial, scaling))
     unknown = sorted(set(rp) - set(LAYER_TYPES))
     if unknown:
         raise UnsupportedArchitecture(
             f"rotary settings for layer types {unknown} are not supported (jinterp implements {', '.join(LAYER_TYPES)})")
     theta, partial, scaling = _rope_one(hf, rp.get("full_attention") or rp["sliding_attention"], what="full_attention")
-    out = dict(positional="rotary", rope_theta=theta, rotary_dim=int(head_dim * partial), rope_scaling=scaling)
+    out = dict(positional="rotary", rope_theta=theta, rope_scaling=scaling, **_rotary_dims(head_dim, partial, scaling))
     if "sliding_attention" in rp and "full_attention" in rp:
         l_theta, l_partial, l_scaling = _rope_one(hf, rp["sliding_attention"], what="sliding_attention")
         if l_partial != partial:
             raise UnsupportedArchitecture(
                 f"different partial_rotary_factor on sliding_attention ({l_partial}) and full_attention ({partial}) "
                 "layers is not supported")
-        if dict(l_scaling).get("rope_type") == "longrope":
-            raise UnsupportedArchitecture("rotary scaling 'longrope' on sliding_attention layers is not supported")
+        l_kind = dict(l_scaling).get("rope_type")
+        if l_kind in ("longrope", "dynamic", "proportional"):
+            raise UnsupportedArchitecture(f"rotary scaling {l_kind!r} on sliding_attention layers is not supported "
+                                          "(it is on full_attention layers)")
         if (l_theta, l_scaling) != (theta, scaling):
             out.update(local_rope_theta=l_theta, local_rope_scaling=l_scaling)
     return out
+
+
+def _rotary_dims(head_dim: int, partial: float, scaling) -> dict:
+    """rotary_dim (and rotary_base_dim) as transformers computes them: n = int(head_dim * partial) gives
+    ceil(n / 2) frequencies with exponents over n, and 2 * ceil(n / 2) rotated dims (an odd n rotates n + 1).
+    Proportional rotary rotates the whole head (its partial factor zeroes frequencies instead)."""
+    if dict(scaling).get("rope_type") == "proportional":
+        return dict(rotary_dim=head_dim)
+    n = int(head_dim * partial)
+    if n < 1 or 2 * ((n + 1) // 2) > head_dim:
+        raise UnsupportedArchitecture(
+            f"partial_rotary_factor (rotary_pct) {partial} with head_dim {head_dim} gives {n} rotary dims, which "
+            f"transformers rotates as {2 * ((n + 1) // 2)} dims: not within 2..{head_dim}. Use a factor giving 2..{head_dim} dims.")
+    return dict(rotary_dim=2 * ((n + 1) // 2), rotary_base_dim=n if n % 2 else 0)
 
 
 def _rope_one(hf, rp: dict, legacy=None, what=None):
@@ -149,10 +165,36 @@ def _rope_one(hf, rp: dict, legacy=None, what=None):
             original_max_position_embeddings=orig,
             attention_factor=float(attn),
         )
+    elif kind == "dynamic":
+        # transformers' _compute_dynamic_ntk_parameters scales from config.max_position_embeddings (not from an
+        # original_max_position_embeddings, which it ignores): kept under that name here
+        keep.update(factor=float(scaling["factor"]), original_max_position_embeddings=int(hf.max_position_embeddings))
+    elif kind == "yarn":
+        keep.update(_yarn(hf, scaling))
+    elif kind == "proportional":
+        keep.update(factor=float(scaling.get("factor", 1.0)), partial_rotary_factor=float(partial))
     elif kind not in ROPE_TYPES:
         where = f" on {what} layers" if what else ""
         raise UnsupportedArchitecture(f"rotary scaling {kind!r}{where} is not supported (supported: {', '.join(ROPE_TYPES)})")
     return float(theta), float(partial), tuple(sorted(keep.items()))
+
+
+def _yarn(hf, scaling: dict) -> dict:
+    """YaRN settings with transformers' defaults (_compute_yarn_parameters): factor from max / original
+    positions when unset, attention_factor from factor, mscale and mscale_all_dim, beta_fast 32 and beta_slow 1
+    when unset or 0, truncate read from the top level of rope_parameters (so True under parameters by layer type)."""
+    orig = int(scaling.get("original_max_position_embeddings") or hf_attr(hf, "original_max_position_embeddings", "max_position_embeddings"))
+    factor = scaling.get("factor")
+    factor = hf.max_position_embeddings / orig if factor is None else factor
+    mscale = lambda m=1: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attn = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    top = getattr(hf, "rope_parameters", None) or {}
+    return dict(factor=float(factor), attention_factor=float(attn), beta_fast=float(scaling.get("beta_fast") or 32),
+                beta_slow=float(scaling.get("beta_slow") or 1), truncate=bool(top.get("truncate", True)),
+                original_max_position_embeddings=orig)
 
 
 def layer_windows(hf, n_layers: int, all_layers: bool = False) -> tuple:

@@ -12,8 +12,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from jinterp.arch.families import gemma, gemma2, gemma3, gpt2, gptj, llama, mistral, neox, olmo2, phi3, qwen2, qwen3
+from jinterp.arch.families import mixtral, olmoe, qwen2_moe
 
-FAMILIES: tuple[ModuleType, ...] = (gpt2, neox, gptj, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, phi3)
+FAMILIES: tuple[ModuleType, ...] = (gpt2, neox, gptj, llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, olmo2, phi3,
+                                    mixtral, qwen2_moe, olmoe)
 MODEL_TYPES: dict[str, ModuleType] = {t: fam for fam in FAMILIES for t in fam.MODEL_TYPES}
 
 

@@ -4,16 +4,13 @@ import numpy as np
 
 from jinterp.arch.families.common import unembedding
 from jinterp.config import Config
-from jinterp.io.hf import UnsupportedArchitecture, hf_attr
+from jinterp.io.hf import hf_attr
 
 MODEL_TYPES = ("gpt2",)
 PREFIXES = ("transformer.", "")
 
 
 def config(hf) -> Config:
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if getattr(hf, flag, False):
-            raise UnsupportedArchitecture(f"GPT-2 with {flag}=True is not supported")
     d, h = hf.n_embd, hf.n_head
     return Config(
         family="gpt2",
@@ -30,6 +27,10 @@ def config(hf) -> Config:
         positional="learned",
         act=hf.activation_function,
         attn_scale=(d // h) ** -0.5 if getattr(hf, "scale_attn_weights", True) else 1.0,
+        attn_scale_inverse_layer=bool(getattr(hf, "scale_attn_by_inverse_layer_idx", False)),
+        # transformers upcasts only under eager attention (sdpa, its default, ignores the flag); jinterp always
+        # does, which is eager's result
+        attn_upcast=bool(getattr(hf, "reorder_and_upcast_attn", False)),
         tied_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
     )
 

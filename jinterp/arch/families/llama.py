@@ -44,8 +44,9 @@ def config(hf) -> Config:
     return base_config(hf, "llama")
 
 
-def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, norms=None) -> dict:
-    """norms maps our norm names to HF layer-norm names; norm_offset folds Gemma's (1 + w) into w."""
+def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, norms=None, mlp=None) -> dict:
+    """norms maps our norm names to HF layer-norm names; norm_offset folds Gemma's (1 + w) into w;
+    mlp(r, c, hf) -> the "mlp" parameters, where they are not Llama's gated MLP (mixture of experts)."""
     L, D, H, K, dh, F, V = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp, c.d_vocab
     att_bias = bool(getattr(hf, "attention_bias", False))
     qkv_bias = att_bias if qkv_bias is None else qkv_bias
@@ -86,7 +87,7 @@ def params(r, c: Config, hf, *, qkv_bias=None, o_bias=None, norm_offset=0.0, nor
         for n, heads in (("q_norm", H), ("k_norm", K)):
             attn[n] = {"w": r.stack(pre + f"self_attn.{n}.weight", L, (heads * dh,), lambda w, h=heads: w.reshape(h, dh))}
     blocks["attn"] = attn
-    blocks["mlp"] = {
+    blocks["mlp"] = mlp(r, c, hf) if mlp is not None else {
         "W_gate": mlp_w("gate_proj", (F, D)),
         "b_gate": bias("mlp.gate_proj.bias", (F,), mlp_bias),
         "W_in": mlp_w("up_proj", (F, D)),
