@@ -20,12 +20,15 @@ the activation is untouched.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from jinterp import edits as E
+from jinterp import sites as S
 from jinterp.saes.dictionary import Dictionary
 from jinterp.saes.formats import DictionaryError
 
@@ -83,7 +86,8 @@ def splice(sae: Dictionary, *, ablate=None, clamp: dict | None = None, steer=Non
         raise DictionaryError(f"splice takes a saes.Dictionary (saes.load), got {type(sae).__name__}")
     if sae.is_transcoder:
         raise DictionaryError(f"{sae!r} is a transcoder (reads {sae.site}, writes {sae.out_site}); splicing "
-                              "replaces one site with its reconstruction, so it needs an SAE")
+                              "replaces one site with its reconstruction, so it needs an SAE; splice a transcoder with "
+                              "saes.splice_transcoder")
     if sae.stacked:
         raise DictionaryError("splice one layer's dictionary at a time: sae[layer]")
     if sae.site is None:
@@ -165,3 +169,130 @@ def ablation_sweep(model, sae: Dictionary, tokens, metric, features, *, pos=None
 
     out = [np.asarray(run(jnp.asarray(scales[i:i + chunk]))) for i in range(0, len(idx), chunk)]
     return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# transcoders: read one site, write another
+
+
+class _InputBox:
+    """Carries the transcoder's input from its site to its output site within one trace of a block
+    (an op sees only its own site; the tap op at the input site fills the box just before the splice
+    op at the output site, later in the same block, empties it)."""
+
+    x = None
+
+
+def _width(at) -> int:
+    return int(np.prod([at.sizes[a] for a in at.layout[2:]]))
+
+
+@struct.dataclass
+class _TapInput(E.Op):
+    box: _InputBox = struct.field(pytree_node=False)
+    d_in: int = struct.field(pytree_node=False, default=0)
+
+    def __call__(self, x, at):
+        self.box.x = x
+        return x
+
+    def check(self, at):
+        if _width(at) != self.d_in:
+            at.fail(f"transcoder d_in={self.d_in} but the site has width {_width(at)}; it was trained on another model or site")
+
+
+@struct.dataclass
+class TranscoderSplice(E.Op):
+    """At the output site of layer l, with x the input site's value and f = encode(x):
+
+        out' = out + decode(g) - decode(f)            keep_error=True (the error term out - (decode(f) + skip) kept)
+        out' = decode(g) + x @ W_skip                 keep_error=False (the transcoder replaces the MLP)
+
+    g = f with the chosen entries set: g[p_k, f_k] = v_k for every k with layer_k == l (k indexes
+    `set_features`; negative positions count from the end of the prompt). `tc` is one layer's
+    transcoder or a stacked set (`slot[l]` picks layer l's row)."""
+
+    tc: Dictionary
+    slot: jax.Array  # [n_layers_model] row of tc for each model layer
+    layer: jax.Array  # [K] the edits: layer, position, feature, value
+    pos: jax.Array
+    feature: jax.Array
+    value: jax.Array
+    box: _InputBox = struct.field(pytree_node=False, default=None)
+    keep_error: bool = struct.field(pytree_node=False, default=True)
+
+    def __call__(self, out, at):
+        x, self.box.x = self.box.x, None
+        if x is None:
+            at.fail(f"the transcoder's input site {self.tc.site} was not computed before {at.site} in this block")
+        tc = self.tc
+        if tc.stacked:
+            tc = dataclasses.replace(jax.tree_util.tree_map(lambda a: a[self.slot[at.layer]], tc), layers=None)
+        xf = x.astype(jnp.float32)
+        f = tc.encode(xf)
+        pos = jnp.where(self.pos < 0, self.pos + at.n_prompt, self.pos)
+        cols = jnp.arange(out.shape[-2]) if at.cols is None else at.cols
+        hit = cols[None, :] == pos[:, None]  # [K, rows]
+        row = jnp.argmax(hit, axis=1)
+        on = hit.any(axis=1) & (self.layer == at.layer)
+        cur = f[..., row, self.feature]  # [..., K]
+        g = f.at[..., row, self.feature].add(jnp.where(on, self.value - cur, 0.0))
+        if self.keep_error:
+            new = out.astype(jnp.float32) + (tc.decode(g, xf) - tc.decode(f, xf))
+        else:
+            new = tc.decode(g, xf) + tc.skip(xf)
+        return new.astype(out.dtype)
+
+    def check(self, at):
+        if at.site != self.tc.out_site:
+            at.fail(f"this transcoder writes {self.tc.out_site}, not {at.site}")
+        if _width(at) != self.tc.d_out:
+            at.fail(f"transcoder d_out={self.tc.d_out} but {at.site} has width {_width(at)}")
+
+
+def splice_transcoder(tc: Dictionary, *, set_features=(), keep_error: bool = True, layers=None, pos=None) -> list:
+    """Splice a transcoder (reads `tc.site`, writes `tc.out_site` of the same block) in place of
+    what it replaces, as two edits (a tap at the input site, the splice at the output site): the
+    output becomes decode(encode(x_in)) [+ skip] plus the error term (keep_error=True: unchanged
+    unless a feature is set), or the transcoder's output alone (keep_error=False). Later layers see
+    the result, so their own transcoders' features are recomputed from the edited stream.
+
+    tc: one layer's transcoder, or a stacked per-layer set (spliced at each of its layers).
+    set_features: (layer, pos, feature, value) tuples: feature activations to set (0 ablates; a scaled
+    activation steers). layers / pos: where to splice (default: the transcoder's layers, every
+    position). Use as `model(tokens, edits=splice_transcoder(tc, set_features=[(1, 4, 17, 0.0)]))`."""
+    if not isinstance(tc, Dictionary) or not tc.is_transcoder:
+        raise DictionaryError(f"splice_transcoder takes a transcoder (a saes.Dictionary with an out_site other than its site), "
+                              f"got {tc!r}; splice an SAE with saes.splice")
+    order = list(S.BLOCK_SITES)
+    if tc.site not in order or tc.out_site not in order or order.index(tc.site) >= order.index(tc.out_site):
+        raise DictionaryError(f"{tc!r} reads {tc.site!r} and writes {tc.out_site!r}; splicing needs a block site read "
+                              "before the block site written (e.g. ln2.hook_normalized or hook_resid_mid -> hook_mlp_out)")
+    tl = tuple(tc.layers) if tc.stacked else (tc.layer,)
+    if None in tl:
+        raise DictionaryError(f"{tc!r} does not say which layer it belongs to; load it with its layer (blocks.L....)")
+    rows = [tuple(r) for r in set_features]
+    for r in rows:
+        if len(r) != 4:
+            raise DictionaryError(f"set_features entries are (layer, pos, feature, value) tuples, got {r!r}")
+        l, p, f, v = r
+        if int(l) not in tl:
+            raise DictionaryError(f"set_features entry {r!r}: no transcoder at layer {l}; this one covers layers {list(tl)}")
+        if not 0 <= int(f) < tc.d_sae:
+            raise DictionaryError(f"set_features entry {r!r}: feature {f} out of range 0..{tc.d_sae - 1}")
+        if not np.isfinite(float(v)):
+            raise DictionaryError(f"set_features entry {r!r}: the value is NaN or inf")
+    keys = [(int(l), int(p), int(f)) for l, p, f, _ in rows]
+    if len(keys) != len(dict.fromkeys(keys)):
+        raise DictionaryError("set_features names one (layer, pos, feature) twice; give each feature one value")
+    slot = np.zeros(max(tl) + 1, np.int32)
+    slot[list(tl)] = np.arange(len(tl))
+    # padded to a power of two (at least 4) with entries at layer -1, which match no layer: calls
+    # with a similar number of edits share one compiled program
+    rows = rows + [(-1, 0, 0, 0.0)] * (max(4, 1 << max(0, len(rows) - 1).bit_length()) - len(rows))
+    arr = lambda i, dt: jnp.asarray(np.asarray([r[i] for r in rows], dt).reshape(-1))
+    box = _InputBox()
+    op = TranscoderSplice(tc, jnp.asarray(slot), arr(0, np.int32), arr(1, np.int32), arr(2, np.int32),
+                          arr(3, np.float32), box=box, keep_error=keep_error)
+    where = dict(layers=list(tl) if layers is None else layers, pos=pos)
+    return [E.edit(tc.site, _TapInput(box, tc.d_in), layers=where["layers"]), E.edit(tc.out_site, op, **where)]
