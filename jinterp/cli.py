@@ -45,6 +45,30 @@ def train_bundled(
     typer.echo(json.dumps(card["metrics"], indent=1))
 
 
+@app.command("train-dictionaries")
+def train_dictionaries(
+    name: str = typer.Argument(..., help="organism with a models/NAME/dictionaries.py (e.g. induction-2l)"),
+    out: Path = typer.Option(..., help="output directory; models/NAME/dictionaries replaces the shipped ones"),
+    seed: int = typer.Option(0, help="seed for initialisation and data"),
+    steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
+):
+    """Retrain the sparse dictionaries shipped with an organism (models/NAME/dictionaries.py)."""
+    import importlib.util
+
+    from jinterp.train import organisms
+
+    path = organisms.models_dir() / name / "dictionaries.py"
+    if not path.is_file():
+        have = sorted(p.parent.name for p in organisms.models_dir().glob("*/dictionaries.py"))
+        typer.echo(f"Error: {path} does not exist; organisms with dictionaries: {have}", err=True)
+        raise typer.Exit(2)
+    spec = importlib.util.spec_from_file_location(f"jinterp_dictionaries_{name.replace('-', '_')}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    record = mod.train(out, seed=seed, steps=steps)
+    typer.echo(json.dumps(record["metrics"], indent=1))
+
+
 @app.command()
 def experiment(
     name: str = typer.Argument(..., help="experiment name, or 'list' to show them"),

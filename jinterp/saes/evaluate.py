@@ -1,8 +1,11 @@
-"""Held-out metrics of trained dictionaries: L0, explained variance, CE loss recovered when spliced."""
+"""Held-out metrics of trained dictionaries (L0, explained variance, CE loss recovered when spliced),
+and `TrainedDictionaries`, what `train.fit` returns (its evaluate and save methods)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ import numpy as np
 
 from jinterp import edits as E
 from jinterp.saes.dictionary import Dictionary
+from jinterp.saes.formats import DictionaryError
+from jinterp.saes.saelens import save_circuit_tracer, save_saelens
 
 
 def site_names(cfg, site, out_site):
@@ -34,6 +39,7 @@ def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, ba
                         a transcoder: its output site patched with the prediction from the clean
                         input, which is exact because the input is upstream of the output)
     ce_loss_recovered   (ce_zero_ablated - ce_spliced) / (ce_zero_ablated - ce_clean)
+    dead_fraction       fraction of features that fire on none of these tokens
 
     With skip_bos, position 0 is left out of l0 / explained variance and neither ablated nor
     spliced (as in training). Rows are processed in batches of `batch_size`; the CE numbers are
@@ -48,7 +54,8 @@ def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, ba
     P = toks.shape[1]
     pos = list(range(1, P)) if skip_bos else None
     site_out = d.out_site or d.site
-    acc = {l: {"l0": 0.0, "err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "ce_zero": 0.0, "ce_spliced": 0.0}
+    acc = {l: {"l0": 0.0, "err": 0.0, "sum_y": 0.0, "sum_y2": 0.0, "n": 0, "ce_zero": 0.0, "ce_spliced": 0.0,
+              "fired": 0}
            for l in layers}
     ce_clean, n_rows = 0.0, 0
     for i in range(0, len(toks), batch_size):
@@ -67,6 +74,7 @@ def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, ba
             yf = y[:, sl].reshape(-1, one.d_out)
             a = acc[l]
             a["l0"] += float((f[:, sl] > 0).sum())
+            a["fired"] = a["fired"] | np.asarray((f[:, sl] > 0).any((0, 1)))
             a["err"] += float(((yf - y_hat[:, sl].reshape(-1, one.d_out)) ** 2).sum())
             a["sum_y"] = a["sum_y"] + np.asarray(yf.sum(0), np.float64)
             a["sum_y2"] += float((yf.astype(jnp.float32) ** 2).sum())
@@ -93,5 +101,69 @@ def evaluate(model, dictionary: Dictionary, tokens, *, skip_bos: bool = True, ba
             "ce_zero_ablated": ce_zero,
             "ce_spliced": ce_spl,
             "ce_loss_recovered": (ce_zero - ce_spl) / (ce_zero - ce_clean) if ce_zero != ce_clean else float("nan"),
+            "dead_fraction": 1.0 - float(np.mean(a["fired"])),
         }
     return out
+
+
+@dataclasses.dataclass
+class TrainedDictionaries:
+    """What `fit` returns. `dictionary` is the stacked Dictionary (leaves [L, ...], `layers`), in the
+    model's units (the training normalisation is folded in). `history` holds "step" [T] and, each
+    [T, L], "loss", "mse" (normalised units), "l0", "explained_variance" (on the training batch) and
+    "dead_fraction" (fraction of features that have not fired in the last `dead_window` steps).
+    `steps_since_fired` [L, d_sae] is the dead-feature counter at the end; `metrics` is filled by
+    `evaluate`."""
+
+    dictionary: Dictionary
+    history: dict
+    steps_since_fired: np.ndarray
+    config: dict
+    seconds: float
+    model_name: str | None = None
+    context_size: int | None = None
+    metrics: dict | None = None
+
+    @property
+    def layers(self) -> tuple:
+        return self.dictionary.layers
+
+    def __getitem__(self, layer: int) -> Dictionary:
+        return self.dictionary[layer]
+
+    def dead_fraction(self, window: int | None = None) -> np.ndarray:
+        """[L] fraction of features that have not fired in the last `window` steps (default: the run's dead_window)."""
+        w = self.config["dead_window"] if window is None else window
+        return (self.steps_since_fired >= w).mean(-1)
+
+    def evaluate(self, model, tokens, *, batch_size: int = 64) -> dict:
+        """Held-out metrics per layer; also stored in `self.metrics`. See `evaluate`."""
+        self.metrics = evaluate(model, self.dictionary, tokens, skip_bos=self.config["skip_bos"], batch_size=batch_size)
+        return self.metrics
+
+    def save(self, path) -> Path:
+        """One SAELens directory per layer, `path/blocks.{l}.{site}/`, and `path/metrics.json`
+        (the fit's config, its history and, if `evaluate` ran, the held-out metrics). Refuses a
+        non-empty `path`."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise DictionaryError(f"{path} exists and is not empty; choose a new directory (nothing was overwritten)")
+        path.mkdir(parents=True, exist_ok=True)
+        for l in self.layers:
+            d = self[l]
+            save_saelens(d, path / d.site_name, model_name=self.model_name, context_size=self.context_size)
+        record = {
+            "config": self.config,
+            "layers": list(self.layers),
+            "seconds": self.seconds,
+            "history": {k: np.asarray(v).tolist() for k, v in self.history.items()},
+            "final_dead_fraction": self.dead_fraction().tolist(),
+            "metrics": None if self.metrics is None else {str(k): v for k, v in self.metrics.items()},
+        }
+        (path / "metrics.json").write_text(json.dumps(record, indent=1))
+        return path
+
+    def save_circuit_tracer(self, path, *, metadata: dict | None = None) -> Path:
+        """All layers as circuit-tracer per-layer transcoders (`save_circuit_tracer`): path/config.yaml
+        and path/layer_{l}.safetensors; a transcoder with architecture relu or jumprelu only."""
+        return save_circuit_tracer(self.dictionary, path, model_name=self.model_name, metadata=metadata)

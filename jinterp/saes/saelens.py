@@ -1,4 +1,5 @@
-"""Writing a dictionary in the SAELens 6 directory format (cfg.json + sae_weights.safetensors)."""
+"""Writing dictionaries: the SAELens 6 directory format (cfg.json + sae_weights.safetensors) and
+circuit-tracer's per-layer transcoder set (config.yaml + layer_{l}.safetensors)."""
 
 from __future__ import annotations
 
@@ -89,4 +90,51 @@ def save_saelens(d: Dictionary, path, *, model_name: str | None = None, context_
     path.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(path / "sae_weights.safetensors"))
     (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def save_circuit_tracer(d: Dictionary, path, *, model_name: str | None = None, metadata: dict | None = None) -> Path:
+    """Write per-layer transcoders (a stacked Dictionary, or one layer's) as circuit-tracer 0.5 reads
+    them: `layer_{l}.safetensors` with W_enc [d_tc, d_model] (linear-style, transposed from ours),
+    b_enc, W_dec [d_tc, d_model], b_dec, W_skip [d_model, d_model] (applied as x @ W_skip.T) when the
+    dictionary has one, `activation_function.threshold` for JumpReLU; and config.yaml (model_name,
+    model_kind transcoder_set, feature_input_hook / feature_output_hook as TransformerLens-local
+    hook names, plus `metadata`). ReLU and JumpReLU only (circuit-tracer's JumpReLU has no ReLU,
+    equal to ours for thresholds > 0); refuses a non-empty `path`."""
+    import yaml
+    from safetensors.numpy import save_file
+
+    if not isinstance(d, Dictionary) or not d.is_transcoder:
+        raise DictionaryError(f"circuit-tracer's format holds transcoders (a site in, another out); got {d!r}")
+    if d.architecture not in ("standard", "jumprelu") or d.apply_b_dec_to_input or d.normalize != "none":
+        raise DictionaryError(
+            f"circuit-tracer's per-layer files hold ReLU or JumpReLU transcoders without input centring or "
+            f"normalisation; this one is {d.architecture} (apply_b_dec_to_input={d.apply_b_dec_to_input}, "
+            f"normalize={d.normalize!r}): save it with save_saelens instead")
+    if d.d_in != d.d_out:
+        raise DictionaryError(f"circuit-tracer's files need d_in == d_out (d_model); got {d.d_in} -> {d.d_out}")
+    if d.architecture == "jumprelu" and not bool((np.asarray(d.threshold) > 0).all()):
+        raise DictionaryError("circuit-tracer's JumpReLU has no ReLU: thresholds must be > 0 to keep the same outputs")
+    layers = d.layers if d.stacked else (d.layer,)
+    if any(l is None for l in layers):
+        raise DictionaryError(f"{d!r} does not say its layer; circuit-tracer names files layer_{{l}}")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DictionaryError(f"{path} exists and is not empty; choose a new directory (nothing was overwritten)")
+    path.mkdir(parents=True, exist_ok=True)
+    for l in layers:
+        one = d[l] if d.stacked else d
+        tensors = {"W_enc": one.W_enc.T, "b_enc": one.b_enc, "W_dec": one.W_dec, "b_dec": one.b_dec}
+        if one.W_skip is not None:
+            tensors["W_skip"] = one.W_skip.T
+        if one.architecture == "jumprelu":
+            tensors["activation_function.threshold"] = one.threshold
+        arrays = {n: np.ascontiguousarray(np.asarray(v)) for n, v in tensors.items()}
+        for n, a in arrays.items():
+            if not np.isfinite(a.astype(np.float32)).all():
+                raise DictionaryError(f"refusing to save non-finite values in layer {l}'s {n}")
+        save_file(arrays, str(path / f"layer_{l}.safetensors"))
+    conf = {"model_name": model_name, "model_kind": "transcoder_set", "feature_input_hook": d.site,
+            "feature_output_hook": d.out_site, **(metadata or {})}
+    (path / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
     return path

@@ -30,19 +30,23 @@ b_enc = 0, b_dec = the mean of the first batch (of y). After every step the deco
 renormalised to unit norm (the constraint of Bricken et al. 2023; we do not use the April-2024
 variant that weights the L1 by decoder norms), so the saved W_dec has unit rows.
 
+Transcoders may add a skip connection (`skip=True`): y_hat += x @ W_skip, W_skip [d_in, d_out]
+initialised to 0 and trained with the rest (Paulo et al. 2025, arXiv 2501.18823; saved as W_skip).
+
 Dead features: per layer, the number of steps since each feature last fired on a batch; a feature
-is dead when that reaches `dead_window`. History records the dead fraction (no resampling).
+is dead when that reaches `dead_window`. History records the dead fraction. Two remedies
+(jinterp/saes/dead.py has the maths): TopK trains with the AuxK loss on the dead latents
+(`auxk_coeff`, default 1/32; 0 turns it off), and any architecture can resample its dead features
+every `resample_every` steps (Anthropic 2023: toward high-loss inputs, optimizer state reset).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +55,11 @@ import optax
 
 from jinterp import arch
 from jinterp import sites as S
+from jinterp.saes import dead as D
 from jinterp.saes.dictionary import Dictionary
-from jinterp.saes.evaluate import evaluate, site_names
-from jinterp.saes.formats import DictionaryError
+from jinterp.saes.evaluate import TrainedDictionaries, site_names
 from jinterp.saes.jumprelu import heaviside, jump
-from jinterp.saes.saelens import save_saelens
+from jinterp.saes.saelens import save_circuit_tracer, save_saelens  # noqa: F401 (re-exported: train.save_saelens)
 
 ARCHITECTURES = ("relu", "topk", "jumprelu")
 _OURS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}
@@ -78,6 +82,10 @@ class _Spec:
     skip_bos: bool
     transcoder: bool
     optimizer: object
+    skip: bool = False
+    auxk_coeff: float = 0.0
+    k_aux: int = 1
+    dead_window: int = 100
 
 
 def _acts(model_params, tokens, spec: _Spec):
@@ -110,9 +118,14 @@ def _encode(p, x, spec: _Spec):
     return jump(pre, theta, spec.bandwidth), pre
 
 
-def _layer_loss(p, x, y, coeff, spec: _Spec):
-    f, pre = _encode(p, x, spec)
+def _decode(p, f, x, spec: _Spec):
     y_hat = f @ p["W_dec"] + p["b_dec"]
+    return y_hat + x @ p["W_skip"] if spec.skip else y_hat
+
+
+def _layer_loss(p, x, y, dead, coeff, spec: _Spec):
+    f, pre = _encode(p, x, spec)
+    y_hat = _decode(p, f, x, spec)
     err = jnp.sum((y - y_hat) ** 2, -1)  # [N]
     mse = err.mean()
     if spec.architecture == "relu":
@@ -123,10 +136,15 @@ def _layer_loss(p, x, y, coeff, spec: _Spec):
     else:
         sparsity = jnp.zeros((), mse.dtype)
     loss = mse + coeff * sparsity
+    auxk = jnp.zeros((), mse.dtype)
+    if spec.architecture == "topk" and spec.auxk_coeff > 0:
+        auxk = spec.auxk_coeff * D.auxk_loss(pre, p["W_dec"], y - y_hat, dead, spec.k_aux)
+        loss = loss + auxk
     active = f > 0
     var = jnp.sum((y - y.mean(0)) ** 2)
     aux = {
         "mse": mse,
+        "auxk": auxk,
         "l0": active.sum(-1).mean(),
         "explained_variance": 1.0 - err.sum() / jnp.maximum(var, 1e-30),
         "fired": active.any(0),
@@ -144,8 +162,10 @@ def _train_step(params, opt_state, since_fired, model_params, tokens, scale_in, 
     x = x * scale_in[:, None, None]
     y = y * scale_out[:, None, None]
 
+    dead = since_fired >= spec.dead_window
+
     def total(p):
-        losses, aux = jax.vmap(functools.partial(_layer_loss, coeff=coeff, spec=spec))(p, x, y)
+        losses, aux = jax.vmap(functools.partial(_layer_loss, spec=spec))(p, x, y, dead, coeff)
         return losses.sum(), (losses, aux)
 
     grads, (losses, aux) = jax.grad(total, has_aux=True)(params)
@@ -154,6 +174,28 @@ def _train_step(params, opt_state, since_fired, model_params, tokens, scale_in, 
     params = {**params, "W_dec": _unit_rows(params["W_dec"])}
     since_fired = jnp.where(aux.pop("fired"), 0, since_fired + 1)
     return params, opt_state, since_fired, {"loss": losses, **aux}
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "scale"), donate_argnums=(0, 1, 2))
+def _resample_step(params, opt_state, since_fired, model_params, tokens, scale_in, scale_out, key, *, spec: _Spec,
+                   scale: float):
+    """Resample every layer's dead features on this batch (dead.py); returns the count per layer."""
+    x, y = _acts(model_params, tokens, spec)
+    x = x * scale_in[:, None, None]
+    y = y * scale_out[:, None, None]
+    dead = since_fired >= spec.dead_window
+
+    def one(p, x, y, dead, key):
+        f, _ = _encode(p, x, spec)
+        y_hat = _decode(p, f, x, spec)
+        enc_in = x if spec.transcoder else x - p["b_dec"]
+        dec_dirs = y - y_hat if spec.transcoder else enc_in
+        return D.resample_layer(p, dead, enc_in, dec_dirs, jnp.sum((y - y_hat) ** 2, -1), key, scale)
+
+    keys = jax.random.split(key, dead.shape[0])
+    params = jax.vmap(one)(params, x, y, dead, keys)
+    opt_state = D.reset_optimizer_state(spec.optimizer, opt_state, D.reset_masks(params, dead))
+    return params, opt_state, jnp.where(dead, 0, since_fired), dead.sum(-1)
 
 
 def _first_stats(model, tokens, spec: _Spec):
@@ -173,7 +215,7 @@ def _first_stats(model, tokens, spec: _Spec):
             int(x.shape[-1]), int(y.shape[-1]))
 
 
-def _init_layer(key, d_in, d_sae, d_out, transcoder, architecture, init_threshold):
+def _init_layer(key, d_in, d_sae, d_out, transcoder, architecture, init_threshold, skip):
     k_dec, k_enc = jax.random.split(key)
     W_dec = _unit_rows(jax.random.normal(k_dec, (d_sae, d_out), jnp.float32))
     if transcoder:
@@ -184,6 +226,8 @@ def _init_layer(key, d_in, d_sae, d_out, transcoder, architecture, init_threshol
          "b_dec": jnp.zeros((d_out,), jnp.float32)}
     if architecture == "jumprelu":
         p["log_threshold"] = jnp.full((d_sae,), math.log(init_threshold), jnp.float32)
+    if skip:
+        p["W_skip"] = jnp.zeros((d_in, d_out), jnp.float32)
     return p
 
 
@@ -215,68 +259,6 @@ def _batches(token_batches, batch_size, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# the result
-
-
-@dataclasses.dataclass
-class TrainedDictionaries:
-    """What `fit` returns. `dictionary` is the stacked Dictionary (leaves [L, ...], `layers`), in the
-    model's units (the training normalisation is folded in). `history` holds "step" [T] and, each
-    [T, L], "loss", "mse" (normalised units), "l0", "explained_variance" (on the training batch) and
-    "dead_fraction" (fraction of features that have not fired in the last `dead_window` steps).
-    `steps_since_fired` [L, d_sae] is the dead-feature counter at the end; `metrics` is filled by
-    `evaluate`."""
-
-    dictionary: Dictionary
-    history: dict
-    steps_since_fired: np.ndarray
-    config: dict
-    seconds: float
-    model_name: str | None = None
-    context_size: int | None = None
-    metrics: dict | None = None
-
-    @property
-    def layers(self) -> tuple:
-        return self.dictionary.layers
-
-    def __getitem__(self, layer: int) -> Dictionary:
-        return self.dictionary[layer]
-
-    def dead_fraction(self, window: int | None = None) -> np.ndarray:
-        """[L] fraction of features that have not fired in the last `window` steps (default: the run's dead_window)."""
-        w = self.config["dead_window"] if window is None else window
-        return (self.steps_since_fired >= w).mean(-1)
-
-    def evaluate(self, model, tokens, *, batch_size: int = 64) -> dict:
-        """Held-out metrics per layer; also stored in `self.metrics`. See `evaluate`."""
-        self.metrics = evaluate(model, self.dictionary, tokens, skip_bos=self.config["skip_bos"], batch_size=batch_size)
-        return self.metrics
-
-    def save(self, path) -> Path:
-        """One SAELens directory per layer, `path/blocks.{l}.{site}/`, and `path/metrics.json`
-        (the fit's config, its history and, if `evaluate` ran, the held-out metrics). Refuses a
-        non-empty `path`."""
-        path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise DictionaryError(f"{path} exists and is not empty; choose a new directory (nothing was overwritten)")
-        path.mkdir(parents=True, exist_ok=True)
-        for l in self.layers:
-            d = self[l]
-            save_saelens(d, path / d.site_name, model_name=self.model_name, context_size=self.context_size)
-        record = {
-            "config": self.config,
-            "layers": list(self.layers),
-            "seconds": self.seconds,
-            "history": {k: np.asarray(v).tolist() for k, v in self.history.items()},
-            "final_dead_fraction": self.dead_fraction().tolist(),
-            "metrics": None if self.metrics is None else {str(k): v for k, v in self.metrics.items()},
-        }
-        (path / "metrics.json").write_text(json.dumps(record, indent=1))
-        return path
-
-
-# ---------------------------------------------------------------------------------------------
 # fit
 
 
@@ -304,6 +286,11 @@ def fit(
     log_every: int = 10,
     optimizer: optax.GradientTransformation | None = None,
     progress: bool = True,
+    skip: bool = False,
+    auxk_coeff: float = 1 / 32,
+    k_aux: int | None = None,
+    resample_every: int | None = None,
+    resample_scale: float = 0.2,
 ) -> TrainedDictionaries:
     """Train one dictionary per layer on activations streamed from `model`, all layers in one
     jitted step (module docstring for the maths).
@@ -313,10 +300,15 @@ def fit(
     `batch_size`. site: the local site read (e.g. "hook_resid_post", "hook_resid_mid",
     "ln2.hook_normalized"); transcoder_out: the site predicted (e.g. "hook_mlp_out") for a per-layer
     transcoder, None for an SAE. layers: which layers (default all). architecture: "relu" (with
-    coefficient `l1`), "topk" (`k` features per token), "jumprelu" (L0 coefficient `l0`, STE
+    coefficient `l1`, a number or one per layer), "topk" (`k` features per token), "jumprelu" (L0 coefficient `l0`, STE
     `bandwidth`, initial threshold `init_threshold`, both in normalised units). skip_bos: leave out
     position 0 (BOS, whose residual is an outlier) when training. Training stops early, with a
-    warning, if token_batches runs out. optimizer: default optax.adam(lr).
+    warning, if token_batches runs out. optimizer: default optax.adam(lr). skip: a transcoder's
+    linear skip connection W_skip. auxk_coeff / k_aux: the TopK AuxK loss (k_aux default d_in // 2,
+    as SAELens; coefficient 0 turns it off). resample_every: resample the features dead (no firing
+    for `dead_window` steps) after every that many steps, except after the last, with encoder
+    columns at `resample_scale` x the live features' mean encoder norm (dead.py). The count per
+    layer is in history["resampled"] ([n_resamples, L], steps in history["resample_step"]).
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
@@ -326,6 +318,10 @@ def fit(
         raise ValueError(f"d_sae must be >= 1, got {d_sae}")
     if architecture == "topk" and (k is None or not 1 <= k <= d_sae):
         raise ValueError(f"a topk dictionary needs k in 1..d_sae={d_sae}, got k={k}")
+    if resample_every is not None and resample_every < 1:
+        raise ValueError(f"resample_every must be a number of steps >= 1 (or None for no resampling), got {resample_every}")
+    if auxk_coeff < 0 or (k_aux is not None and k_aux < 1):
+        raise ValueError(f"auxk_coeff must be >= 0 and k_aux >= 1, got auxk_coeff={auxk_coeff}, k_aux={k_aux}")
     cfg = model.config
     if layers is None:
         layers = tuple(range(cfg.n_layers))
@@ -340,12 +336,18 @@ def fit(
     if local in S.GLOBAL_SITES:
         raise ValueError(f"{site!r} is a global site; training reads a per-layer site (e.g. hook_resid_post)")
     transcoder = out_local != local
+    if skip and not transcoder:
+        raise ValueError("skip=True is a transcoder's skip connection; pass transcoder_out=... (e.g. 'hook_mlp_out')")
     custom_optimizer = optimizer is not None
     optimizer = optimizer or optax.adam(lr)
     spec = _Spec(cfg=cfg, record=tuple(sorted(record.items())), site=local, out_site=out_local, layers=layers,
                  architecture=architecture, k=k if architecture == "topk" else None, bandwidth=float(bandwidth),
-                 skip_bos=skip_bos, transcoder=transcoder, optimizer=optimizer)
-    coeff = jnp.float32({"relu": l1, "topk": 0.0, "jumprelu": l0}[architecture])
+                 skip_bos=skip_bos, transcoder=transcoder, optimizer=optimizer, skip=skip,
+                 auxk_coeff=float(auxk_coeff) if architecture == "topk" else 0.0, k_aux=1, dead_window=int(dead_window))
+    coeff = np.asarray({"relu": l1, "topk": 0.0, "jumprelu": l0}[architecture], np.float32)
+    if coeff.ndim > 1 or (coeff.ndim == 1 and len(coeff) != len(layers)):
+        raise ValueError(f"l1 / l0 is one number or one per trained layer ({len(layers)}), got {coeff.tolist()}")
+    coeff = jnp.broadcast_to(jnp.asarray(coeff), (len(layers),))
 
     it = _batches(token_batches, batch_size, seed)
     try:
@@ -365,9 +367,10 @@ def fit(
         scale_in = scale_out = jnp.ones((len(layers),), jnp.float32)
     if not transcoder:
         scale_out = scale_in
+    spec = dataclasses.replace(spec, k_aux=int(k_aux or max(d_in // 2, 1)))
     key = jax.random.PRNGKey(seed)
-    per_layer = [_init_layer(jax.random.fold_in(key, l), d_in, d_sae, d_out, transcoder, architecture, init_threshold)
-                 for l in layers]
+    per_layer = [_init_layer(jax.random.fold_in(key, l), d_in, d_sae, d_out, transcoder, architecture, init_threshold,
+                             skip) for l in layers]
     params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer)
     params["b_dec"] = mean_y * scale_out[:, None]
     opt_state = optimizer.init(params)
@@ -378,7 +381,8 @@ def fit(
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=f"training {architecture} x {len(layers)} layers", unit="step")
-    logged, logged_steps = [], []
+    logged, logged_steps, resampled = [], [], []
+    resample_key = jax.random.fold_in(key, 10**6)
     t0 = time.time()
     done = 0
     batch = tokens
@@ -392,6 +396,11 @@ def fit(
         params, opt_state, since, m = _train_step(params, opt_state, since, mp, batch, scale_in, scale_out, coeff,
                                                   spec=spec)
         done = s + 1
+        if resample_every and done % resample_every == 0 and done < steps:
+            params, opt_state, since, n = _resample_step(params, opt_state, since, mp, batch, scale_in, scale_out,
+                                                         jax.random.fold_in(resample_key, done), spec=spec,
+                                                         scale=float(resample_scale))
+            resampled.append((done, n))
         if s == 0 or done % log_every == 0 or done == steps:
             m = dict(m)
             m["dead_fraction"] = (since >= dead_window).mean(-1)
@@ -406,8 +415,10 @@ def fit(
         bar.close()
     seconds = time.time() - t0
     history = {"step": np.asarray(logged_steps)}
-    for name in ("loss", "mse", "l0", "explained_variance", "dead_fraction"):
+    for name in ("loss", "mse", "auxk", "l0", "explained_variance", "dead_fraction"):
         history[name] = np.stack([np.asarray(m[name]) for m in logged])
+    history["resample_step"] = np.asarray([r[0] for r in resampled], np.int64)
+    history["resampled"] = np.asarray([np.asarray(r[1]) for r in resampled], np.int64).reshape(-1, len(layers))
 
     # fold the normalisation back in (module docstring): W_dec keeps unit rows, activations in model units
     r = (scale_in / scale_out)[:, None, None]
@@ -415,18 +426,22 @@ def fit(
     d = Dictionary(
         W_enc=params["W_enc"] * r, W_dec=params["W_dec"], b_dec=params["b_dec"] / so, b_enc=params["b_enc"] / so,
         threshold=jnp.exp(params["log_threshold"]) / so if architecture == "jumprelu" else None,
+        W_skip=params["W_skip"] * r if skip else None,
         architecture=_OURS[architecture], k=spec.k, clamp=True, apply_b_dec_to_input=not transcoder,
         hook_z=local == "attn.hook_z", site=local, out_site=out_local if transcoder else None, layers=layers,
         hook_name=None, format="jinterp", source=None,
     )
     config = {
         "site": local, "transcoder_out": out_local if transcoder else None, "layers": list(layers),
-        "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "d_out": d_out, "l1": l1 if architecture == "relu" else None,
-        "k": spec.k, "l0": l0 if architecture == "jumprelu" else None,
+        "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "d_out": d_out, "l1": np.asarray(l1).tolist() if architecture == "relu" else None,
+        "k": spec.k, "l0": np.asarray(l0).tolist() if architecture == "jumprelu" else None,
         "bandwidth": bandwidth if architecture == "jumprelu" else None, "steps": done, "lr": lr,
         "optimizer": "custom" if custom_optimizer else "adam", "batch_shape": list(tokens.shape),
         "seed": seed, "normalize": normalize, "scale_in": np.asarray(scale_in).tolist(),
         "scale_out": np.asarray(scale_out).tolist(), "skip_bos": skip_bos, "dead_window": dead_window,
         "decoder": "unit-norm rows (renormalised after every step)", "model": getattr(model, "name", None),
+        "skip": skip, "auxk_coeff": spec.auxk_coeff if architecture == "topk" else None,
+        "k_aux": spec.k_aux if architecture == "topk" else None, "resample_every": resample_every,
+        "resample_scale": resample_scale if resample_every else None,
     }
     return TrainedDictionaries(d, history, np.asarray(since), config, seconds, getattr(model, "name", None), context_size)
