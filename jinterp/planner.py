@@ -24,6 +24,7 @@ from jinterp.arch import emitted_sites, param_shapes
 from jinterp.config import Config
 from jinterp.edits import site_shape
 from jinterp.engine.plan import MEMORY_FRACTION, bytes_per_cell, device_memory
+from jinterp.loading import resolve_dtype
 
 GiB = 2**30
 
@@ -117,7 +118,7 @@ def plan(source, batch: int, seq: int, *, mesh=None, dtype="float32", n_cells=No
     cfg = config_of(source)
     shape = {} if mesh is None else (dict(mesh.shape) if hasattr(mesh, "shape") else dict(mesh))
     shape = {k: int(v) for k, v in shape.items()}
-    dt = str(np.dtype(dtype)) if dtype != "bfloat16" else "bfloat16"
+    dt = str(resolve_dtype(dtype))  # a clear error for an unknown name
     item = 2 if dt in ("bfloat16", "float16") else 4
     specs = sharding.param_specs(cfg, shape)  # checks the mesh
     import jax

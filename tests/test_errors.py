@@ -1,6 +1,7 @@
 """Bad input gets a clear error that names the problem and the fix."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,6 +360,14 @@ def test_unknown_dtype_lists_the_accepted_ones(gpt2_dir):
         resolve_dtype(object())
     with pytest.raises(ValueError, match="float64 parameters need jax's 64-bit mode"):
         resolve_dtype("float64")
+    # the planner and the dictionary loader take the same names and give the same error
+    from jinterp import planner, saes
+
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp33'; accepted: float32"):
+        planner.plan(gpt2_dir, 1, 4, dtype="fp33")
+    assert planner.plan(gpt2_dir, 1, 4, dtype="bf16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"unknown dtype 'fp33'; accepted: float32"):
+        saes.load(Path(__file__).parents[1] / "models" / "induction-2l" / "dictionaries" / "transcoders", dtype="fp33")
 
 
 @pytest.mark.parametrize("cls,kw,match", [

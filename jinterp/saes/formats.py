@@ -294,5 +294,9 @@ def load(path_or_id, *, format: str | None = None, layer: int | None = None, hoo
         if s.startswith(("/", ".", "~")) or "/" not in s.removeprefix("hf://"):
             raise DictionaryError(f"{s} does not exist (a hub id looks like 'owner/repo[/subfolder]')")
         path = _from_hub(s)
+    if dtype is not None:
+        from jinterp.loading import resolve_dtype
+
+        dtype = resolve_dtype(dtype)  # "bf16", jnp.bfloat16, ...; a clear error for an unknown name
     fmt = format or detect(path)
     return _LOADERS[fmt](path, layer=layer, hook_name=hook_name, dtype=dtype)
