@@ -27,12 +27,15 @@ from experiments.report import OutputExists, Report, claims_markdown, count_comp
 
 # name -> module; a new experiment is one module plus a line here
 EXPERIMENTS = {
+    "attribution-graph": "experiments.attribution_graph",
+    "circuit-reuse": "experiments.circuit_reuse",
     "hopping-too-late": "experiments.hopping_too_late",
     "induction": "experiments.induction",
     "ioi": "experiments.ioi",
     "ph3": "experiments.ph3",
     "retrieval-heads": "experiments.retrieval_heads",
     "subspace-illusion": "experiments.subspace_illusion",
+    "talking-heads": "experiments.talking_heads",
 }
 
 

@@ -356,12 +356,17 @@ class PathPatchCell:
     receivers: tuple  # ((layer, head, "q"|"k"|"v"), ...) or () for the final residual
     use_sender_pos: bool
     use_receiver_pos: bool
+    freeze: str = "all"  # "all": every position (Wang et al.); "position": the sender's positions only
+    freeze_mlps: bool = False
 
     def step2_edits(self, cell, data):
-        freeze = E.patch("attn.hook_z", data["orig_z"], per_layer=True)
+        fpos = data["sender_pos"] if self.freeze == "position" else None
+        freeze = (E.patch("attn.hook_z", data["orig_z"], pos=fpos, per_layer=True),)
+        if self.freeze_mlps:
+            freeze += (E.patch("hook_mlp_out", data["orig_mlp"], pos=fpos, per_layer=True),)
         sender = E.patch("attn.hook_z", data["new_z"], layers=cell["layer"][None], heads=cell["head"][None],
                          pos=data["sender_pos"] if self.use_sender_pos else None, per_layer=True)
-        return (freeze, sender)
+        return freeze + (sender,)
 
     def __call__(self, cell, data, runner: Runner):
         edits = self.step2_edits(cell, data)
@@ -392,6 +397,8 @@ def path_patching(
     *,
     sender_pos=None,
     receiver_pos=None,
+    freeze: str = "all",
+    freeze_mlps: bool = False,
     attention_mask=None,
     **kw,
 ) -> Labelled:
@@ -404,12 +411,20 @@ def path_patching(
     The value is the metric of the final run (use metrics.normalized to express it relative to
     the orig and new runs). Senders at or after a receiver's layer have no path to it and score the
     orig run's metric.
+
+    freeze: where step 2 holds the other heads' outputs at orig: "all" positions (Wang et al.), or
+    only at sender_pos ("position", as Merullo et al.'s circuit_reuse code does), so the sender's
+    effect also flows through other heads at later positions. freeze_mlps: hold hook_mlp_out too.
     """
     cfg = model.config
     orig, mask = model.prepare_inputs(orig_tokens, attention_mask)
     new, _ = model.prepare_inputs(new_tokens, None)
     if orig.shape != new.shape:
         raise PatchingError(f"orig tokens {list(orig.shape)} and new tokens {list(new.shape)} differ in shape")
+    if freeze not in ("all", "position"):
+        raise PatchingError(f"freeze must be 'all' (every position) or 'position' (the sender's positions only), got {freeze!r}")
+    if freeze == "position" and sender_pos is None:
+        raise PatchingError("freeze='position' freezes the other heads only at the sender's positions; pass sender_pos (e.g. [-1])")
     rec = ()
     if receivers != "resid":
         rec = []
@@ -425,12 +440,15 @@ def path_patching(
             rec.append((int(l), int(h), kind))
         rec = tuple(rec)
     zname = lambda n: n.endswith("attn.hook_z")
-    _, oc = model.run_with_cache(orig, names=zname, attention_mask=mask)
+    oname = (lambda n: zname(n) or n.endswith("hook_mlp_out")) if freeze_mlps else zname
+    _, oc = model.run_with_cache(orig, names=oname, attention_mask=mask)
     _, nc = model.run_with_cache(new, names=zname, attention_mask=mask)
     data = {"orig_z": oc.stack("attn.hook_z"), "new_z": nc.stack("attn.hook_z")}
+    if freeze_mlps:
+        data["orig_mlp"] = oc.stack("hook_mlp_out")
     for name, p in (("sender_pos", sender_pos), ("receiver_pos", receiver_pos)):
         if p is not None:
             data[name] = E.selector(p)
-    fn = PathPatchCell(rec, sender_pos is not None, receiver_pos is not None)
+    fn = PathPatchCell(rec, sender_pos is not None, receiver_pos is not None, freeze, bool(freeze_mlps))
     axes = {a: axis_labels(model, a) for a in ("layer", "head")}
     return sweep_grid(model, orig, axes, fn, data=data, metric=metric, attention_mask=mask, name="path patching", **kw)
