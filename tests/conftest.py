@@ -59,10 +59,33 @@ SLOW_VARIANTS |= {f"tests/test_parity.py::test_left_padded_generation_matches_un
     "qwen3-qknorm-headdim", "olmo2-postnorm-qknorm", "gptj-parallel-interleaved", "gpt2-n_inner-gelu")}
 
 
+# 2026-12-02 (new families, graphs, experiments added): the sliding-window family keeps only the
+# window-specific sweep checks by default, and llama-gqa the recipes where key/value heads differ
+# from query heads; gpt2 runs every driver feature
+SLOW_VARIANTS |= {f"tests/test_patching.py::{t}" for t in (
+    "test_prefix_skipping_only_for_the_models_own_unedited_cache[mistral-sliding]",
+    "test_metric_reading_all_positions_and_per_example[mistral-sliding]",
+    "test_identity_full_patch_at_layer0_gives_clean_metric[mistral-sliding]",
+    "test_path_patching_matches_algorithm[mistral-sliding-receivers1]",
+    "test_back_patching_judge_and_ragged_targets[mistral-sliding]",
+    "test_resume_from_checkpoint[mistral-sliding]",
+    "test_every_variants[gpt2]",
+    "test_path_patching_matches_algorithm[llama-gqa-untied-bias-receivers1]",
+    "test_metric_reading_all_positions_and_per_example[llama-gqa-untied-bias]",
+    "test_prefix_skipping_only_for_the_models_own_unedited_cache[llama-gqa-untied-bias]",
+    "test_back_patching_judge_and_ragged_targets[llama-gqa-untied-bias]",
+    "test_identity_full_patch_at_layer0_gives_clean_metric[llama-gqa-untied-bias]",
+    "test_resume_from_checkpoint[llama-gqa-untied-bias]",
+    "test_layer_pos_recipes[llama-gqa-untied-bias-resid_mid-hook_resid_mid]",
+    "test_layer_pos_recipes[llama-gqa-untied-bias-attn_out-hook_attn_out]",
+    "test_layer_pos_recipes[llama-gqa-untied-bias-mlp_out-hook_mlp_out]",
+)}
+
 # the per-recipe checks on the sliding-window family (gpt2 and llama-gqa cover every recipe; sliding
 # windows in sweeps stay covered by test_every_variants[mistral-sliding] and the parity tests)
 SLOW_PREFIXES = ("tests/test_patching.py::test_layer_pos_recipes[mistral-sliding-",
-                 "tests/test_patching.py::test_head_by_pos_recipes[mistral-sliding-")
+                 "tests/test_patching.py::test_head_by_pos_recipes[mistral-sliding-",
+                 "tests/test_patching.py::test_head_all_pos_recipes[mistral-sliding-")
 
 
 # zoo variants (tests/hf_zoo.py) whose every test in a module is slow: a default-run variant covers the family
