@@ -10,10 +10,11 @@ ReplacementModel (TransformerLens backend) is built offline: a HookedTransformer
 config, the HF weights through TransformerLens's GPT-2 converter (no LN folding, as circuit-tracer
 loads), the local tokenizer, and the per-layer transcoder files.
 
-One difference of site names matters: TransformerLens's `ln2.hook_normalized` is (x - mean) / scale
-*before* the LayerNorm's weight and bias, jinterp's is after them (the MLP input, what the shipped
-transcoders read). So circuit-tracer gets transcoders with the LN affine folded into the encoder
-(W_enc' = W_enc * w, b_enc' = b_enc + W_enc b): the same pre-activations, hence the same graph.
+Both read the same transcoder files at `mlp.hook_in` (the MLP's input, after ln2's weight and bias:
+circuit-tracer's ReplacementMLP hook and jinterp's site of that name). Until jinterp's
+`ln2.hook_normalized` took TransformerLens's meaning (before the affine), this benchmark folded the
+LN affine into circuit-tracer's encoders; that workaround is gone (not rerun since: the table in
+BUILD_NOTES predates the change).
 
 Every measurement is a fresh subprocess (peak RSS = that process's VmHWM; "base" = RSS after
 imports and loading, before the first attribution). jinterp runs with JINTERP_COMPILE_CACHE=0: its
@@ -101,7 +102,7 @@ def worker_ct(a) -> dict:
                                   dtype=torch.float32)
     tok = PreTrainedTokenizerFast.from_pretrained(a.model)
     tc = load_transcoder_set({l: f"{a.tc}/layer_{l}.safetensors" for l in range(c.n_layer)}, scan="bench",
-                             feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+                             feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
                              device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
     model = TransformerLensReplacementModel(cfg, tokenizer=tok)  # weights first, then the replacement wrapping
     model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
@@ -123,21 +124,6 @@ def worker_ct(a) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- setup
-
-
-def fold_ln_into_encoders(model_dir: Path, tc_dir: Path, out: Path) -> None:
-    """circuit-tracer transcoders reading TransformerLens's pre-affine ln2.hook_normalized (module docstring)."""
-    from safetensors.numpy import load_file, save_file
-
-    W = load_file(str(model_dir / "model.safetensors"))
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tc_dir.glob("layer_*.safetensors")):
-        l = int(f.stem.split("_")[1])
-        t = load_file(str(f))
-        w, b = W[f"transformer.h.{l}.ln_2.weight"], W[f"transformer.h.{l}.ln_2.bias"]
-        t["b_enc"] = (t["b_enc"] + t["W_enc"] @ b).astype(np.float32)
-        t["W_enc"] = (t["W_enc"] * w[None, :]).astype(np.float32)
-        save_file(t, str(out / f.name))
 
 
 def random_model(out: Path, n_positions: int = 512, d_tc: int = 256, seed: int = 0) -> tuple[Path, Path]:
@@ -164,7 +150,7 @@ def random_model(out: Path, n_positions: int = 512, d_tc: int = 256, seed: int =
         save_file(dict(W_enc=enc, b_enc=np.full(d_tc, -2.0, np.float32), W_dec=(rng.normal(size=(d_tc, 64)) * 0.05).astype(np.float32),
                        b_dec=np.zeros(64, np.float32)), str(tcd / f"layer_{l}.safetensors"))
     (tcd / "config.yaml").write_text("model_name: random-gpt2\nmodel_kind: transcoder_set\n"
-                                     "feature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n")
+                                     "feature_input_hook: mlp.hook_in\nfeature_output_hook: hook_mlp_out\n")
     return out, tcd
 
 
@@ -222,12 +208,10 @@ def main():
         tmp = Path(td)
         org = ROOT / "models" / "induction-2l"
         org_tc = org / "dictionaries" / "transcoders"
-        fold_ln_into_encoders(org, org_tc, tmp / "org-ct")
         rnd, rnd_tc = random_model(tmp / "random")
-        fold_ln_into_encoders(rnd, rnd_tc, tmp / "random-ct")
-        cases = [("induction-2l (trained transcoders)", org, org_tc, tmp / "org-ct", 1, 33)]
-        cases += [("random GPT-2, random transcoders", rnd, rnd_tc, tmp / "random-ct", 1, P) for P in a.lengths]
-        cases += [("random GPT-2, random transcoders", rnd, rnd_tc, tmp / "random-ct", N, 32) for N in a.batches if N > 1]
+        cases = [("induction-2l (trained transcoders)", org, org_tc, org_tc, 1, 33)]
+        cases += [("random GPT-2, random transcoders", rnd, rnd_tc, rnd_tc, 1, P) for P in a.lengths]
+        cases += [("random GPT-2, random transcoders", rnd, rnd_tc, rnd_tc, N, 32) for N in a.batches if N > 1]
         head = ("| model | prompts x tokens | nodes | jinterp first / warm (s) | circuit-tracer first / all (s) | "
                 "ratio (ct all / jinterp warm) | peak RSS MB jinterp / ct (base) | largest edge difference |")
         print(head + "\n|" + "---|" * 8, flush=True)

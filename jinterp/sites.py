@@ -8,6 +8,9 @@ axes, which is how edits find the position, head and key axes of the activation.
     blocks.{l}.hook_resid_pre          [batch, pos, d_model]
     blocks.{l}.attn.hook_z             [batch, pos, head, d_head]
     blocks.{l}.attn.hook_pattern       [batch, head, query, key]
+
+`ln*.hook_normalized` is TransformerLens's: the norm's output before its weight and bias ((x - mean) /
+scale, or x / rms). What a sublayer reads, after them, is `attn.hook_in` / `mlp.hook_in`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ _EXPERTS = ("batch", "pos", "expert")
 BLOCK_SITES: dict[str, tuple[str, ...]] = {
     "hook_resid_pre": _RESID,
     "ln1.hook_scale": _SCALE,
-    "ln1.hook_normalized": _RESID,
+    "ln1.hook_normalized": _RESID,  # as in TransformerLens: before ln1's weight and bias
+    "attn.hook_in": _RESID,  # what attention reads: ln1's output after w, b (the residual without pre-norms)
     "attn.hook_q": _HEADS,
     "attn.hook_k": _KV,
     "attn.hook_v": _KV,
@@ -45,7 +49,8 @@ BLOCK_SITES: dict[str, tuple[str, ...]] = {
     "hook_attn_out": _RESID,
     "hook_resid_mid": _RESID,
     "ln2.hook_scale": _SCALE,
-    "ln2.hook_normalized": _RESID,
+    "ln2.hook_normalized": _RESID,  # before ln2's weight and bias
+    "mlp.hook_in": _RESID,  # what the MLP reads: ln2's output after w, b (ln1's under shared_norm)
     "mlp.hook_pre": _MLP,
     "mlp.hook_pre_linear": _MLP,
     "mlp.hook_post": _MLP,
@@ -67,7 +72,7 @@ GLOBAL_SITES: dict[str, tuple[str, ...]] = {
     "hook_embed": _RESID,
     "hook_pos_embed": _RESID,
     "ln_final.hook_scale": _SCALE,
-    "ln_final.hook_normalized": _RESID,
+    "ln_final.hook_normalized": _RESID,  # before ln_final's weight and bias
 }
 
 

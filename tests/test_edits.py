@@ -373,8 +373,10 @@ def test_traced_edits_are_validated(pair):
 
 
 def _unembed(m, h):
-    p = m.params["unembed"]
-    return np.asarray(h, np.float64) @ np.asarray(p["W_U"], np.float64) + np.asarray(p["b_U"], np.float64)
+    """Logits from ln_final.hook_normalized (before the final norm's weight and bias, as in TransformerLens)."""
+    p, f = m.params["unembed"], m.params["ln_final"]
+    h = np.asarray(h, np.float64) * np.asarray(f["w"], np.float64) + (np.asarray(f["b"], np.float64) if "b" in f else 0.0)
+    return h @ np.asarray(p["W_U"], np.float64) + np.asarray(p["b_U"], np.float64)
 
 
 def test_value_shape_rules_against_numpy(pair):

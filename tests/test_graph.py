@@ -34,7 +34,7 @@ def transcoders(cfg, *, skip=False, jumprelu=False, seed=0):
         W_enc=a(L, D, D_TC, scale=D ** -0.5), W_dec=a(L, D_TC, D, scale=0.3), b_dec=a(L, D, scale=0.1),
         b_enc=a(L, D_TC, scale=0.3) - 0.5, W_skip=a(L, D, D, scale=0.2) if skip else None,
         threshold=jnp.full((L, D_TC), 0.1) if jumprelu else None, architecture="jumprelu" if jumprelu else "standard",
-        site="ln2.hook_normalized", out_site="hook_mlp_out", layers=tuple(range(L)))
+        site="mlp.hook_in", out_site="hook_mlp_out", layers=tuple(range(L)))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -54,14 +54,15 @@ def case(request, tmp_path_factory):
 def clean_values(m, tc, toks):
     L = m.config.n_layers
     names = [f"blocks.{l}.{s}" for l in range(L) for s in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale",
-                                                           "hook_mlp_out", "ln2.hook_normalized")]
+                                                           "hook_mlp_out", "mlp.hook_in")]
     _, c = m.run_with_cache(toks[None], names=names + ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"])
     st = lambda s: np.stack([np.asarray(c[f"blocks.{l}.{s}"], np.float64) for l in range(L)])
-    v = {s: st(s) for s in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "hook_mlp_out", "ln2.hook_normalized")}
+    v = {s: st(s) for s in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "hook_mlp_out", "mlp.hook_in")}
     for s in ("hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"):
         v[s] = np.asarray(c[s], np.float64)
+    v["final"] = np.asarray(final_affine(m.params, c["ln_final.hook_normalized"]), np.float64)  # what W_U reads
     # transcoders by hand (numpy): activations, reconstruction, errors (position 0 zeroed)
-    x = v["ln2.hook_normalized"][:, 0]  # [L, T, D]
+    x = v["mlp.hook_in"][:, 0]  # [L, T, D]
     W_enc, b_enc = np.asarray(tc.W_enc, np.float64), np.asarray(tc.b_enc, np.float64)
     pre = np.einsum("ltd,ldf->ltf", x, W_enc) + b_enc[:, None]
     acts = np.maximum(pre, 0)
@@ -76,6 +77,12 @@ def clean_values(m, tc, toks):
     return v, pre, acts, err
 
 
+def final_affine(params, n):
+    """ln_final's output from its hook_normalized (before the weight and bias, as in TransformerLens)."""
+    p = params["ln_final"]
+    return n * p["w"] + (p["b"] if "b" in p else 0.0)
+
+
 def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
     """(x_in [K, L, T, D], final normalised residual [K, D] at the last position) for K pairs of
     deltas d_emb [K, T, D], d_out [K, L, T, D], with patterns, scales and MLP outputs fixed to clean
@@ -85,8 +92,8 @@ def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
              E.patch("ln1.hook_scale", v["ln1.hook_scale"], per_layer=True),
              E.patch("ln2.hook_scale", v["ln2.hook_scale"], per_layer=True),
              E.patch("ln_final.hook_scale", v["ln_final.hook_scale"])]
-    rec = (("ln2.hook_normalized", tuple(range(L))), ("ln_final.hook_normalized", None))
-    x0 = v["ln2.hook_normalized"][:, 0]
+    rec = (("mlp.hook_in", tuple(range(L))), ("ln_final.hook_normalized", None))
+    x0 = v["mlp.hook_in"][:, 0]
 
     def run(d_emb, d_out):
         skip = jnp.zeros_like(d_out)
@@ -94,10 +101,10 @@ def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
             es = fixed + [E.patch("hook_embed", v["hook_embed"] + d_emb[None]),
                           E.patch("hook_mlp_out", v["hook_mlp_out"] + (d_out + skip)[:, None], per_layer=True)]
             _, acts = arch.forward(params, toks[None], None, es, cfg=cfg, record=rec)
-            x_in = acts["ln2.hook_normalized"][:, 0]
+            x_in = acts["mlp.hook_in"][:, 0]
             if W_skip is not None:
                 skip = jnp.einsum("ltd,lde->lte", x_in - x0, W_skip)
-        return x_in, acts["ln_final.hook_normalized"][0, -1]
+        return x_in, final_affine(params, acts["ln_final.hook_normalized"][0, -1])
 
     return jax.vmap(run)(d_emb, d_out)
 
@@ -176,11 +183,11 @@ def test_edges_equal_interventions_and_completeness(case):
         assert not g.adjacency[g.error_nodes.start:g.token_nodes.stop].any()
         assert not g.adjacency[:, g.logit_nodes.start:].any()
         # (b) completeness: target = sum of incoming edges + the value with every source removed
-        clean = target_values(g, tc, m.W_U, v["ln2.hook_normalized"][:, 0], v["ln_final.hook_normalized"][0, -1])
+        clean = target_values(g, tc, m.W_U, v["mlp.hook_in"][:, 0], v["final"][0, -1])
         np.testing.assert_allclose(g.adjacency[rows].sum(1) + const, clean, atol=1e-4 * max(1, np.abs(clean).max()))
         np.testing.assert_allclose(base, clean, atol=1e-4 * max(1, np.abs(clean).max()))
         # logit targets: the most probable tokens holding 95% of the mass, at most 10
-        logits = v["ln_final.hook_normalized"][0, -1] @ np.asarray(m.W_U, np.float64) + np.asarray(m.b_U)
+        logits = v["final"][0, -1] @ np.asarray(m.W_U, np.float64) + np.asarray(m.b_U)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         order = np.argsort(-probs)
@@ -204,7 +211,7 @@ def test_row_sums_without_biases():
     v, pre, _, _ = clean_values(m, tc, toks)
     l, p, f = g.features.T
     np.testing.assert_allclose(g.adjacency[g.feature_nodes].sum(1), pre[l, p, f] - np.asarray(tc.b_enc)[l, f], atol=1e-4)
-    logits = v["ln_final.hook_normalized"][0, -1] @ np.asarray(m.W_U, np.float64)  # b_U is 0
+    logits = v["final"][0, -1] @ np.asarray(m.W_U, np.float64)  # b_U is 0
     np.testing.assert_allclose(g.adjacency[g.logit_nodes].sum(1), (logits - logits.mean())[g.logit_tokens], atol=1e-4)
 
 
@@ -356,7 +363,7 @@ def test_bad_inputs(case):
     name, m, tc, toks, graphs = case
     cfg = m.config
     wide = tc.replace(W_enc=jnp.zeros((2, cfg.d_model + 1, D_TC)), W_skip=None)
-    with pytest.raises(saes.DictionaryError, match=r"d_in=17 but site 'blocks.0.ln2.hook_normalized'.*width 16"):
+    with pytest.raises(saes.DictionaryError, match=r"d_in=17 but site 'blocks.0.mlp.hook_in'.*width 16"):
         saes.attribute(m, wide, toks)
     one = tc[0]
     with pytest.raises(saes.DictionaryError, match="1 transcoders for a model with 2 layers"):

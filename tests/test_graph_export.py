@@ -161,7 +161,7 @@ def test_html_bad_input(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# on a model: a tiny random GPT-2 with random per-layer transcoders (ln2.hook_normalized -> hook_mlp_out)
+# on a model: a tiny random GPT-2 with random per-layer transcoders (mlp.hook_in -> hook_mlp_out)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def gpt2(tmp_path_factory):
     w = dict(W_enc=r.normal(0, 0.4, (L, D, n)), b_enc=r.normal(-0.3, 0.2, (L, n)), W_dec=r.normal(0, 0.2, (L, n, D)),
              b_dec=r.normal(0, 0.1, (L, D)))
     w = {k: v.astype(np.float32) for k, v in w.items()}
-    tc = saes.Dictionary(**{k: jnp.asarray(v) for k, v in w.items()}, site="ln2.hook_normalized",
+    tc = saes.Dictionary(**{k: jnp.asarray(v) for k, v in w.items()}, site="mlp.hook_in",
                          out_site="hook_mlp_out", layers=tuple(range(L)))
     tokens = np.random.default_rng(1).integers(0, model.config.d_vocab, (2, 9))
     return hf, model, tc, w, tokens
@@ -280,7 +280,7 @@ def test_intervene_bad_input(gpt2):
     with pytest.raises(saes.DictionaryError, match="layer 7"):
         splice_transcoder(tc, set_features=[(7, 0, 0, 1.0)])
     narrow = saes.Dictionary(W_enc=jnp.zeros((16, 4)), b_enc=jnp.zeros(4), W_dec=jnp.zeros((4, 32)), b_dec=jnp.zeros(32),
-                             site="ln2.hook_normalized", out_site="hook_mlp_out", layer=0)
+                             site="mlp.hook_in", out_site="hook_mlp_out", layer=0)
     with pytest.raises(jinterp.edits.EditError, match="d_in=16 but the site has width 32"):
         model(tokens, edits=splice_transcoder(narrow))
     with pytest.raises(saes.DictionaryError, match="read before"):
@@ -295,7 +295,7 @@ def test_feature_top_activations_match_naive(gpt2):
     k = 4
     got = GH.feature_top_activations(model, tc, batches, feats, k=k, window=(3, 1))
     toks = np.concatenate(batches)
-    names = [f"blocks.{l}.ln2.hook_normalized" for l in range(3)]
+    names = [f"blocks.{l}.mlp.hook_in" for l in range(3)]
     caches = [model.run_with_cache(b, names=names)[1] for b in batches]
     for l, f in feats:
         x = np.concatenate([np.asarray(c[names[l]], np.float64) for c in caches])

@@ -52,7 +52,8 @@ def test_selected_names_only_and_equal_to_full(hf_and_model):
 
 
 def test_hook_scale_semantics(hf_and_model):
-    """ln hook_scale is the divisor: normalized == resid / scale * w (RMSNorm)."""
+    """ln hook_scale is the divisor: normalized == resid / scale (RMSNorm; before w, as in TransformerLens),
+    and attention reads that times w (attn.hook_in)."""
     _, m = hf_and_model
     _, c = m.run_with_cache(TOKS)
     x = np.asarray(c["blocks.1.hook_resid_pre"])
@@ -60,7 +61,8 @@ def test_hook_scale_semantics(hf_and_model):
     ref = np.sqrt((x**2).mean(-1, keepdims=True) + m.cfg.norm_eps)
     np.testing.assert_allclose(s, ref, rtol=1e-6)
     w = np.asarray(m.params["blocks"]["ln1"]["w"][1])
-    np.testing.assert_allclose(np.asarray(c["blocks.1.ln1.hook_normalized"]), x / s * w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(c["blocks.1.ln1.hook_normalized"]), x / s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(c["blocks.1.attn.hook_in"]), x / s * w, rtol=1e-5, atol=1e-6)
 
 
 def test_logits_at(hf_and_model):

@@ -85,7 +85,7 @@ def test_gemma_scope_2_transcoder():
     folder = FIX / "gemma-scope-2" / "transcoder_layer_0"
     r = ref(folder)
     d = saes.load(folder)
-    assert d.site_name == "blocks.0.ln2.hook_normalized" and d.out_site_name == "blocks.0.hook_mlp_out"
+    assert d.site_name == "blocks.0.mlp.hook_in" and d.out_site_name == "blocks.0.hook_mlp_out"
     np.testing.assert_allclose(d.encode(r["x"]), r["feats"], atol=ATOL)
     np.testing.assert_allclose(d.decode(r["feats"]), r["decoded"], atol=ATOL)
     np.testing.assert_allclose(d(r["x"]), r["recon"], atol=ATOL)
@@ -139,12 +139,14 @@ def test_hook_name_mapping():
     assert saes.to_site("blocks.2.attn.hook_z") == (2, "attn.hook_z")
     assert saes.to_site("blocks.0.ln2.hook_normalized") == (0, "ln2.hook_normalized")
     assert saes.to_site("blocks.1.mlp.hook_post") == (1, "mlp.hook_post")
-    assert saes.to_site("blocks.1.mlp.hook_in") == (1, "ln2.hook_normalized")
+    assert saes.to_site("blocks.1.mlp.hook_in") == (1, "mlp.hook_in")  # circuit-tracer: the MLP's input
+    assert saes.to_site("blocks.1.hook_mlp_in") == (1, "hook_resid_mid")  # TransformerLens: the residual entering ln2
+    assert saes.to_site("model.layers.1.mlp.input") == (1, "mlp.hook_in")
     assert saes.to_site("blocks.1.mlp.hook_out") == (1, "hook_mlp_out")
     assert saes.to_site("blocks.4.resid_post") == (4, "hook_resid_post")
     assert saes.to_site("model.layers.5.mlp") == (5, "hook_mlp_out")
     assert saes.to_site("model.layers.5") == (5, "hook_resid_post")
-    assert saes.to_site("model.layers.7.pre_feedforward_layernorm.output") == (7, "ln2.hook_normalized")
+    assert saes.to_site("model.layers.7.pre_feedforward_layernorm.output") == (7, "mlp.hook_in")
     assert saes.to_site("layers.2") == (2, "hook_resid_post")
     assert saes.to_site("hook_embed") == (None, "hook_embed")
     assert saes.to_site("hook_resid_mid", layer=2) == (2, "hook_resid_mid")

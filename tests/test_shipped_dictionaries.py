@@ -37,7 +37,7 @@ def test_shipped_transcoders_load_fit_and_reproduce_their_metrics(rec):
     model = rec.load_model()
     d = saes.load(str(folder))
     assert d.format == "circuit_tracer" and d.stacked and d.layers == (0, 1) and d.is_transcoder
-    assert (d.site, d.out_site) == ("ln2.hook_normalized", "hook_mlp_out")
+    assert (d.site, d.out_site) == ("mlp.hook_in", "hook_mlp_out")
     saes.check(d, model)
     recorded = json.loads((folder / "metrics.json").read_text())
     assert recorded["train"]["d_sae"] == d.d_sae

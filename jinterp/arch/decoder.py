@@ -79,20 +79,22 @@ def activation(name: str, x):
 
 
 def norm(ctx: Ctx, p, x, name, layer, cols, acts):
-    """LayerNorm / RMSNorm in fp32, with TransformerLens's hook_scale (the divisor) and hook_normalized."""
+    """LayerNorm / RMSNorm in fp32, with TransformerLens's hook_scale (the divisor) and hook_normalized
+    (as in TransformerLens: before the weight and bias, (x - mean) / scale or x / rms, in fp32; an edit
+    there goes on through w and b). What the sublayer reads (after w, b) is attn.hook_in / mlp.hook_in."""
     cfg = ctx.cfg
     xf = x.astype(F32)
     if cfg.norm == "layernorm":
         xf = xf - xf.mean(-1, keepdims=True)
     scale = jnp.sqrt((xf * xf).mean(-1, keepdims=True) + cfg.norm_eps)
     scale = ctx.site(f"{name}.hook_scale", scale, layer, cols, acts)
-    y = xf / scale * p["w"].astype(F32)
+    y = xf / scale
+    if name in ("ln1", "ln2", "ln_final"):
+        y = ctx.site(f"{name}.hook_normalized", y, layer, cols, acts).astype(F32)
+    y = y * p["w"].astype(F32)
     if "b" in p:
         y = y + p["b"].astype(F32)
-    y = y.astype(x.dtype)
-    if name in ("ln1", "ln2", "ln_final"):
-        y = ctx.site(f"{name}.hook_normalized", y, layer, cols, acts)
-    return y
+    return y.astype(x.dtype)
 
 
 def _rms_heads(x, w, eps, scope="head"):
@@ -175,6 +177,7 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     Returns (attn_out [B, Sq, D], updated kv or None).
     """
     cfg = ctx.cfg
+    h = ctx.site("attn.hook_in", h, layer, cols, acts)
     B, S, _ = h.shape
     hq = h if qsel is None else h[:, qsel]
     qcols = cols if qsel is None else cols[qsel]
@@ -236,6 +239,7 @@ def attn_output(ctx: Ctx, p, z, layer, cols, acts):
 
 def mlp(ctx: Ctx, p, h, layer, cols, acts):
     cfg = ctx.cfg
+    h = ctx.site("mlp.hook_in", h, layer, cols, acts)
     if cfg.mlp == "moe":
         return moe.mlp(ctx, p, h, layer, cols, acts, activation)
     gated = cfg.mlp == "gated"

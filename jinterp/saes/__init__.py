@@ -55,6 +55,10 @@ def check(dictionary, model) -> None:
                     f"{d!r} reads the per-layer site {local!r} but no layer is known; load it with layer=..."
                 )
             name = local if (layer is None or is_global and local == d.site) else f"blocks.{layer}.{local}"
+            if local == "hook_resid_mid" and "hook_mlp_in" in (d.hook_name or "") and cfg.parallel_residual:
+                raise DictionaryError(f"{d!r} reads TransformerLens's hook_mlp_in, which is hook_resid_mid in sequential "
+                                      "blocks; this parallel-block model's MLP reads hook_resid_pre: load it with "
+                                      "hook_name='blocks.L.hook_resid_pre' if that is what it was trained on")
             try:
                 sites.parse(cfg, name)
             except sites.SiteError as e:

@@ -157,7 +157,7 @@ def load_saelens(path: Path, *, layer=None, hook_name=None, dtype=None) -> Dicti
 # Gemma Scope
 
 
-_GS_KIND = (("transcoders", ("ln2.hook_normalized", "hook_mlp_out")), ("-res", ("hook_resid_post", None)),
+_GS_KIND = (("transcoders", ("mlp.hook_in", "hook_mlp_out")), ("-res", ("hook_resid_post", None)),
             ("-mlp", ("hook_mlp_out", None)), ("-att", ("attn.hook_z", None)))
 
 

@@ -1,16 +1,18 @@
 """Hook names that dictionary files use, mapped to jinterp's site names.
 
 jinterp's sites carry TransformerLens names, so `blocks.{l}.hook_resid_post`, `blocks.{l}.attn.hook_z`,
-`blocks.{l}.ln2.hook_normalized`, `blocks.{l}.mlp.hook_post`, ... map to themselves (short aliases such
-as `resid_post` too). Names other libraries use:
+`blocks.{l}.ln2.hook_normalized` (before ln2's weight and bias, as in TransformerLens), `blocks.{l}.mlp.hook_in`
+(the MLP's input, after them: circuit-tracer's name), `blocks.{l}.mlp.hook_post`, ... map to themselves (short
+aliases such as `resid_post` too). Names other libraries use:
 
-    blocks.{l}.mlp.hook_in                      -> blocks.{l}.ln2.hook_normalized   (SAELens / circuit-tracer: MLP input)
+    blocks.{l}.hook_mlp_in                      -> blocks.{l}.hook_resid_mid        (TransformerLens: the residual entering
+                                                   ln2; a parallel-block model has no resid_mid and rejects it)
     blocks.{l}.mlp.hook_out                     -> blocks.{l}.hook_mlp_out          (MLP output)
     model.layers.{l} | .output                  -> blocks.{l}.hook_resid_post       (HF decoder layer output)
     model.layers.{l}.input                      -> blocks.{l}.hook_resid_pre
     model.layers.{l}.mlp[.output]               -> blocks.{l}.hook_mlp_out
-    model.layers.{l}.mlp.input                  -> blocks.{l}.ln2.hook_normalized
-    model.layers.{l}.pre_feedforward_layernorm.output  -> blocks.{l}.ln2.hook_normalized   (Gemma Scope 2)
+    model.layers.{l}.mlp.input                  -> blocks.{l}.mlp.hook_in
+    model.layers.{l}.pre_feedforward_layernorm.output  -> blocks.{l}.mlp.hook_in   (Gemma Scope 2)
     model.layers.{l}.post_feedforward_layernorm.output -> blocks.{l}.hook_mlp_out          (Gemma Scope 2)
     model.layers.{l}.self_attn[.output]         -> blocks.{l}.hook_attn_out
     model.layers.{l}.self_attn.o_proj.input     -> blocks.{l}.attn.hook_z
@@ -29,9 +31,8 @@ from jinterp.sites import ALIASES, BLOCK_SITES, GLOBAL_SITES, SiteError, suggest
 
 # local names other libraries use -> ours
 EXTRA_LOCAL = {
-    "mlp.hook_in": "ln2.hook_normalized",
     "mlp.hook_out": "hook_mlp_out",
-    "hook_mlp_in": "ln2.hook_normalized",
+    "hook_mlp_in": "hook_resid_mid",  # TransformerLens: resid_mid entering ln2 (sequential blocks)
 }
 
 _HF_LOCAL = {
@@ -40,8 +41,8 @@ _HF_LOCAL = {
     "input": "hook_resid_pre",
     "mlp": "hook_mlp_out",
     "mlp.output": "hook_mlp_out",
-    "mlp.input": "ln2.hook_normalized",
-    "pre_feedforward_layernorm.output": "ln2.hook_normalized",
+    "mlp.input": "mlp.hook_in",
+    "pre_feedforward_layernorm.output": "mlp.hook_in",
     "post_feedforward_layernorm.output": "hook_mlp_out",
     "self_attn": "hook_attn_out",
     "self_attn.output": "hook_attn_out",

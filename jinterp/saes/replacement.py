@@ -16,7 +16,8 @@ gradient at the output hook and at hook_embed.
 and applies it to a batch of target rows at a time (vmap over `batch` rows, lax.map over chunks,
 vmap over prompts; with a mesh, shard_map splits the rows over its first axis). A target's
 cotangent is its injection vector: a feature's encoder column at (layer, pos) of the input site,
-or a demeaned unembedding column at ln_final's output at the last position. A row's entries:
+or a demeaned unembedding column times ln_final's weight at ln_final.hook_normalized (before the weight,
+as in TransformerLens; the same edges as the column at the norm's output) at the last position. A row's entries:
 
     features  g_out[layer_s, pos_s] . (a_s W_dec[layer_s, f_s])   (grouped by slot: g_out[l, p] @ its sources)
     errors    g_out[l, p] . error[l, p]
@@ -151,7 +152,8 @@ def edge_rows(params, tc, tokens, src, errors, embed, rows, *, cfg, in_site, bat
     src_grid = tc.W_dec[s_layer, s_feat].astype(F32) * s_val[..., None]  # [N, L*P, M, D]
     kind, r_layer, r_pos, r_id = rows
     W_U = params["unembed"]["W_U"].astype(F32)
-    demeaned = (W_U - W_U.mean(axis=1, keepdims=True)).T  # [V, D]
+    # the logit direction at ln_final.hook_normalized (pre-affine): w * (demeaned column at the norm's output)
+    demeaned = (W_U - W_U.mean(axis=1, keepdims=True)).T * params["ln_final"]["w"].astype(F32)  # [V, D]
     enc = tc.W_enc[r_layer, :, jnp.where(kind == 0, r_id, 0)].astype(F32)  # [N, R, D]
     logit = demeaned[jnp.where(kind == 1, r_id, 0)]
     row_vec = jnp.where((kind == 0)[..., None], enc, jnp.where((kind == 1)[..., None], logit, 0.0))

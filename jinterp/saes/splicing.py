@@ -267,7 +267,7 @@ def splice_transcoder(tc: Dictionary, *, set_features=(), keep_error: bool = Tru
     order = list(S.BLOCK_SITES)
     if tc.site not in order or tc.out_site not in order or order.index(tc.site) >= order.index(tc.out_site):
         raise DictionaryError(f"{tc!r} reads {tc.site!r} and writes {tc.out_site!r}; splicing needs a block site read "
-                              "before the block site written (e.g. ln2.hook_normalized or hook_resid_mid -> hook_mlp_out)")
+                              "before the block site written (e.g. mlp.hook_in or hook_resid_mid -> hook_mlp_out)")
     tl = tuple(tc.layers) if tc.stacked else (tc.layer,)
     if None in tl:
         raise DictionaryError(f"{tc!r} does not say which layer it belongs to; load it with its layer (blocks.L....)")

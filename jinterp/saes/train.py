@@ -298,7 +298,7 @@ def fit(
     token_batches: a generator/iterable of int token arrays [B, P], a callable rng -> [B, P] (drawn
     from numpy's default_rng(seed)), or an array [N, P] cycled through in shuffled minibatches of
     `batch_size`. site: the local site read (e.g. "hook_resid_post", "hook_resid_mid",
-    "ln2.hook_normalized"); transcoder_out: the site predicted (e.g. "hook_mlp_out") for a per-layer
+    "mlp.hook_in", the MLP's input); transcoder_out: the site predicted (e.g. "hook_mlp_out") for a per-layer
     transcoder, None for an SAE. layers: which layers (default all). architecture: "relu" (with
     coefficient `l1`, a number or one per layer), "topk" (`k` features per token), "jumprelu" (L0 coefficient `l0`, STE
     `bandwidth`, initial threshold `init_threshold`, both in normalised units). skip_bos: leave out

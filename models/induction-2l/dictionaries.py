@@ -1,6 +1,6 @@
 """induction-2l's dictionaries: per-layer transcoders trained on the organism's own data.
 
-`transcoders/`: one ReLU transcoder per layer reading `blocks.{l}.ln2.hook_normalized` (the MLP's
+`transcoders/`: one ReLU transcoder per layer reading `blocks.{l}.mlp.hook_in` (the MLP's
 input) and predicting `blocks.{l}.hook_mlp_out`, trained with `jinterp.saes.train.fit` (both
 layers vmapped in one program) on activations streamed from this model on its training
 distribution (`recipe.induction_batch`: BOS, 0..8 random words, a 4..20-word segment repeated;
@@ -24,7 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 NAME = "transcoders"
 # the shipped run: seed 0 and these settings (activations normalised to |x| ~ sqrt(d_model) in training)
-TRANSCODERS = dict(site="ln2.hook_normalized", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256,
+TRANSCODERS = dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256,
                    l1=0.5, steps=3000, lr=1e-3, batch=64, dead_window=200)
 HELD_OUT = dict(seed=12345, rows=256)  # held-out rows from the training distribution, another seed
 
