@@ -30,6 +30,8 @@ import re
 
 import numpy as np
 
+from experiments.data import ioi
+
 TEMPLATE = "On the table, there is a [C1] [O1], a [C2] [O2], and a [C3] [O3]. What color is the [Q]?"
 # the question ends at the object: the token to match is END itself (what the ioi-cobjs-4l organism is trained on)
 TEMPLATE_AT_END = "On the table, there is a [C1] [O1], a [C2] [O2], and a [C3] [O3]. What color is the [Q]"
@@ -39,16 +41,10 @@ OBJECTS = "pen cup book ball hat key box phone lamp shoe bag coat plate bottle c
 _SLOT = re.compile(r"\[(C1|C2|C3|O1|O2|O3|Q)\]")
 
 
-class SplitWordError(ValueError):
+class SplitWordError(ioi.SplitWordError):
     """Some colours or objects are not single tokens for this tokenizer."""
 
-    def __init__(self, words, tokenizer_name=""):
-        self.words = list(words)
-        super().__init__(
-            f"these words are not single tokens{' for ' + tokenizer_name if tokenizer_name else ''} (with a leading "
-            f"space): {', '.join(repr(w) for w in self.words)}. Colored Objects needs every colour and object to be one "
-            "token; pass colors=/objects= lists without them"
-        )
+    NEEDS = "Colored Objects needs every colour and object to be one token; pass colors=/objects= lists without them"
 
 
 @dataclasses.dataclass

@@ -71,12 +71,13 @@ OBJECTS = "ring kiss bone basketball computer necklace drink snack".split()
 class SplitWordError(ValueError):
     """Some filler words are not single tokens for this tokenizer."""
 
+    NEEDS = "IOI needs every name, place and object to be one token; pass names=/places=/objects= lists without them"
+
     def __init__(self, words, tokenizer_name=""):
         self.words = list(words)
         super().__init__(
             f"these words are not single tokens{' for ' + tokenizer_name if tokenizer_name else ''} "
-            f"(with a leading space): {', '.join(repr(w) for w in self.words)}. IOI needs every name, place "
-            "and object to be one token; pass names=/places=/objects= lists without them"
+            f"(with a leading space): {', '.join(repr(w) for w in self.words)}. {self.NEEDS}"
         )
 
 
