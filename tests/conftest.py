@@ -80,6 +80,8 @@ SLOW_VARIANTS |= {f"tests/test_patching.py::{t}" for t in (
     "test_layer_pos_recipes[llama-gqa-untied-bias-attn_out-hook_attn_out]",
     "test_layer_pos_recipes[llama-gqa-untied-bias-mlp_out-hook_mlp_out]",
 )}
+# the Uniform op in generation stays covered by test_uniform_op_against_naive
+SLOW_VARIANTS.add("tests/test_exp_retrieval.py::test_uniform_on_decoding_steps_matches_a_naive_loop")
 
 # the per-recipe checks on the sliding-window family (gpt2 and llama-gqa cover every recipe; sliding
 # windows in sweeps stay covered by test_every_variants[mistral-sliding] and the parity tests)
