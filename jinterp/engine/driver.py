@@ -43,6 +43,10 @@ from jinterp.results import Labelled, label_grid
 _base_run = jax.jit(arch.base_run, static_argnames=("cfg",))
 
 
+class PatchingError(ValueError):
+    """Bad input to a patching recipe (jinterp.patching, jinterp.path_patching)."""
+
+
 class SweepError(ValueError):
     """A sweep whose results hold NaN. `results` holds them as computed (NaN kept), `cell` the index
     of the first bad cell."""
