@@ -85,16 +85,7 @@ class ColoredObjectsGenerator:
         self.template = template
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prepend_bos = prepend_bos and self.bos is not None
-        unk = getattr(tokenizer, "unk_token_id", None)
-        ids, split = {}, []
-        for w in dict.fromkeys(self.colors + self.objects):
-            t = self._encode(" " + w)
-            if len(t) != 1 or (unk is not None and t[0] == unk):
-                split.append(w)
-            else:
-                ids[w] = t[0]
-        if split:
-            raise SplitWordError(split, getattr(tokenizer, "name_or_path", ""))
+        ids = ioi.single_token_ids(tokenizer, self.colors + self.objects, SplitWordError)
         self.color_ids = np.array([ids[w] for w in self.colors], np.int32)
         self.object_ids = np.array([ids[w] for w in self.objects], np.int32)
         self.ids, self.slots = self._compile()

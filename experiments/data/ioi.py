@@ -68,6 +68,22 @@ PLACES = "store garden restaurant school hospital office house station".split()
 OBJECTS = "ring kiss bone basketball computer necklace drink snack".split()
 
 
+def single_token_ids(tokenizer, words, error=None) -> dict:
+    """word -> its one token id (with a leading space), or `error` (default SplitWordError) naming
+    every word that splits or is unknown to the tokenizer."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids, split = {}, []
+    for w in dict.fromkeys(words):
+        t = list(tokenizer(" " + w, add_special_tokens=False)["input_ids"])
+        if len(t) != 1 or (unk is not None and t[0] == unk):
+            split.append(w)
+        else:
+            ids[w] = t[0]
+    if split:
+        raise (error or SplitWordError)(split, getattr(tokenizer, "name_or_path", ""))
+    return ids
+
+
 class SplitWordError(ValueError):
     """Some filler words are not single tokens for this tokenizer."""
 
@@ -135,16 +151,7 @@ class IOIGenerator:
         self.prepend_bos = prepend_bos and self.bos is not None
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (self.bos if self.bos is not None else 0)
-        ids, split = {}, []
-        unk = getattr(tokenizer, "unk_token_id", None)
-        for w in dict.fromkeys(self.names + self.places + self.objects):
-            t = self._encode(" " + w)
-            if len(t) != 1 or (unk is not None and t[0] == unk):
-                split.append(w)
-            else:
-                ids[w] = t[0]
-        if split:
-            raise SplitWordError(split, getattr(tokenizer, "name_or_path", ""))
+        ids = single_token_ids(tokenizer, self.names + self.places + self.objects)
         self.name_ids = np.array([ids[w] for w in self.names], np.int32)
         self.place_ids = np.array([ids[w] for w in self.places], np.int32)
         self.object_ids = np.array([ids[w] for w in self.objects], np.int32)
