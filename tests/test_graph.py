@@ -51,25 +51,39 @@ def case(request, tmp_path_factory):
 # the reference: a frozen forward from patch edits (patterns, scales, MLP outputs set to clean values)
 
 
+def decoders(tc, L):
+    """[L source, L output, d_sae, D] float64: a per-layer transcoder's W_dec on the diagonal, a
+    cross-layer one's W_dec_i[:, l - i] at (i, l >= i)."""
+    F, D = tc.d_sae, tc.d_out
+    W = np.zeros((L, L, F, D))
+    for i in range(L):
+        if isinstance(tc, saes.CrossLayerTranscoder):
+            W[i, i:] = np.moveaxis(np.asarray(tc.W_dec[i], np.float64), 1, 0)
+        else:
+            W[i, i] = np.asarray(tc.W_dec[i], np.float64)
+    return W
+
+
 def clean_values(m, tc, toks):
     L = m.config.n_layers
-    names = [f"blocks.{l}.{s}" for l in range(L) for s in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale",
-                                                           "hook_mlp_out", "mlp.hook_in")]
+    local = ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "hook_mlp_out", tc.site)
+    names = [f"blocks.{l}.{s}" for l in range(L) for s in local]
     _, c = m.run_with_cache(toks[None], names=names + ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"])
     st = lambda s: np.stack([np.asarray(c[f"blocks.{l}.{s}"], np.float64) for l in range(L)])
-    v = {s: st(s) for s in ("attn.hook_pattern", "ln1.hook_scale", "ln2.hook_scale", "hook_mlp_out", "mlp.hook_in")}
+    v = {s: st(s) for s in local}
+    v["x_in"] = v[tc.site]
     for s in ("hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"):
         v[s] = np.asarray(c[s], np.float64)
     v["final"] = np.asarray(final_affine(m.params, c["ln_final.hook_normalized"]), np.float64)  # what W_U reads
     # transcoders by hand (numpy): activations, reconstruction, errors (position 0 zeroed)
-    x = v["mlp.hook_in"][:, 0]  # [L, T, D]
+    x = v["x_in"][:, 0]  # [L, T, D]
     W_enc, b_enc = np.asarray(tc.W_enc, np.float64), np.asarray(tc.b_enc, np.float64)
     pre = np.einsum("ltd,ldf->ltf", x, W_enc) + b_enc[:, None]
     acts = np.maximum(pre, 0)
     if tc.threshold is not None:
         acts = acts * (pre > np.asarray(tc.threshold)[:, None])
     acts[:, 0] = 0
-    recon = np.einsum("ltf,lfd->ltd", acts, np.asarray(tc.W_dec, np.float64)) + np.asarray(tc.b_dec)[:, None]
+    recon = np.einsum("itf,ilfd->ltd", acts, decoders(tc, L)) + np.asarray(tc.b_dec)[:, None]
     if tc.W_skip is not None:
         recon += np.einsum("ltd,lde->lte", x, np.asarray(tc.W_skip, np.float64))
     err = v["hook_mlp_out"][:, 0] - recon
@@ -83,7 +97,7 @@ def final_affine(params, n):
     return n * p["w"] + (p["b"] if "b" in p else 0.0)
 
 
-def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
+def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg, in_site):
     """(x_in [K, L, T, D], final normalised residual [K, D] at the last position) for K pairs of
     deltas d_emb [K, T, D], d_out [K, L, T, D], with patterns, scales and MLP outputs fixed to clean
     values plus the deltas; the skip path (W_skip) by fixed-point iteration over layers."""
@@ -92,8 +106,8 @@ def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
              E.patch("ln1.hook_scale", v["ln1.hook_scale"], per_layer=True),
              E.patch("ln2.hook_scale", v["ln2.hook_scale"], per_layer=True),
              E.patch("ln_final.hook_scale", v["ln_final.hook_scale"])]
-    rec = (("mlp.hook_in", tuple(range(L))), ("ln_final.hook_normalized", None))
-    x0 = v["mlp.hook_in"][:, 0]
+    rec = ((in_site, tuple(range(L))), ("ln_final.hook_normalized", None))
+    x0 = v["x_in"][:, 0]
 
     def run(d_emb, d_out):
         skip = jnp.zeros_like(d_out)
@@ -101,7 +115,7 @@ def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
             es = fixed + [E.patch("hook_embed", v["hook_embed"] + d_emb[None]),
                           E.patch("hook_mlp_out", v["hook_mlp_out"] + (d_out + skip)[:, None], per_layer=True)]
             _, acts = arch.forward(params, toks[None], None, es, cfg=cfg, record=rec)
-            x_in = acts["mlp.hook_in"][:, 0]
+            x_in = acts[in_site][:, 0]
             if W_skip is not None:
                 skip = jnp.einsum("ltd,lde->lte", x_in - x0, W_skip)
         return x_in, final_affine(params, acts["ln_final.hook_normalized"][0, -1])
@@ -109,13 +123,13 @@ def _frozen(params, toks, v, W_skip, d_emb, d_out, *, cfg):
     return jax.vmap(run)(d_emb, d_out)
 
 
-_frozen = jax.jit(_frozen, static_argnames=("cfg",))
+_frozen = jax.jit(_frozen, static_argnames=("cfg", "in_site"))
 
 
 def frozen_runner(m, tc, toks, v):
     f32 = {k: jnp.asarray(a, jnp.float32) for k, a in v.items()}
     return lambda d_emb, d_out: _frozen(m.params, jnp.asarray(toks), f32, tc.W_skip, jnp.asarray(d_emb),
-                                        jnp.asarray(d_out), cfg=m.config)
+                                        jnp.asarray(d_out), cfg=m.config, in_site=tc.site)
 
 
 def target_values(g, tc, W_U, x_in, fin):
@@ -133,9 +147,9 @@ def source_deltas(g, tc, acts, err, embed, D):
     L, P = g.n_layers, g.n_pos
     n = g.n_features + (L + 1) * P
     d_emb, d_out = np.zeros((n, P, D), np.float32), np.zeros((n, L, P, D), np.float32)
-    W_dec = np.asarray(tc.W_dec)
+    W_dec = decoders(tc, L)
     for i, (l, p, f) in enumerate(g.features):
-        d_out[i, l, p] = acts[l, p, f] * W_dec[l, f]
+        d_out[i, :, p] = acts[l, p, f] * W_dec[l, :, f]  # every output layer it writes (only l for per-layer)
     for l in range(L):
         for p in range(P):
             d_out[g.n_features + l * P + p, l, p] = err[l, p]
@@ -151,6 +165,34 @@ def test_edges_equal_interventions_and_completeness(case):
     """(a) every edge = the change in the target when its source is added in the frozen model;
     (b) each target = sum of its incoming edges + the constant left when every source is removed."""
     name, m, tc, toks, graphs = case
+    check_edges(m, tc, toks, graphs)
+
+
+def cross_layer(cfg, seed=3):
+    """A random JumpReLU cross-layer transcoder reading hook_resid_mid (circuit-tracer's default) with a skip."""
+    r = np.random.RandomState(seed)
+    L, D = cfg.n_layers, cfg.d_model
+    a = lambda *s, scale=1.0: jnp.asarray(r.randn(*s).astype(np.float32) * scale)
+    return saes.CrossLayerTranscoder(
+        W_enc=a(L, D, D_TC, scale=D ** -0.5), b_enc=a(L, D_TC, scale=0.3) - 0.5, b_dec=a(L, D, scale=0.1),
+        W_dec=tuple(a(D_TC, L - i, D, scale=0.3) for i in range(L)), W_skip=a(L, D, D, scale=0.2),
+        threshold=jnp.full((L, D_TC), 0.1), architecture="jumprelu", site="hook_resid_mid", out_site="hook_mlp_out")
+
+
+def test_cross_layer_transcoder_edges_and_completeness():
+    """A cross-layer transcoder (3 layers: features write 1-3 output layers): every edge equals the
+    frozen-model intervention that adds the feature's decoder rows at every layer it writes."""
+    cls, kw = CONFIGS["gpt2"]
+    m = jinterp.load(hf_zoo.save(hf_zoo.build_config(cls, dict(kw, n_layer=3)), _tmp()), tokenizer=False)
+    tc = cross_layer(m.config)
+    toks = np.random.RandomState(4).randint(0, hf_zoo.V, (2, T))
+    graphs = saes.attribute(m, tc, toks)
+    check_edges(m, tc, toks, graphs)
+    # features that write several layers are checked (not only the last layer's)
+    assert all((g.features[:, 0] < 2).sum() >= 5 for g in graphs)
+
+
+def check_edges(m, tc, toks, graphs):
     D, L = m.config.d_model, m.config.n_layers
     per_prompt = []
     for b in range(2):
@@ -183,7 +225,7 @@ def test_edges_equal_interventions_and_completeness(case):
         assert not g.adjacency[g.error_nodes.start:g.token_nodes.stop].any()
         assert not g.adjacency[:, g.logit_nodes.start:].any()
         # (b) completeness: target = sum of incoming edges + the value with every source removed
-        clean = target_values(g, tc, m.W_U, v["mlp.hook_in"][:, 0], v["final"][0, -1])
+        clean = target_values(g, tc, m.W_U, v["x_in"][:, 0], v["final"][0, -1])
         np.testing.assert_allclose(g.adjacency[rows].sum(1) + const, clean, atol=1e-4 * max(1, np.abs(clean).max()))
         np.testing.assert_allclose(base, clean, atol=1e-4 * max(1, np.abs(clean).max()))
         # logit targets: the most probable tokens holding 95% of the mass, at most 10

@@ -183,11 +183,16 @@ def gpt2(tmp_path_factory):
 def torch_splice(hf, w, sets, *, keep_error=True, frozen=None):
     """HF GPT-2 with each MLP output rewritten from its ln_2 output x: f = relu(x W_enc + b_enc),
     g = f with sets[(layer, pos, feature)] = value; out + (g - f) W_dec (keep_error) or g W_dec + b_dec.
-    frozen: attention probabilities [L][B, H, P, P] used instead of the computed ones."""
+    W_dec [L, n, D] per layer, or [L source, L output, n, D] (cross-layer: layer l's output adds
+    every earlier layer's (g - f) W_dec[i, l]). frozen: attention probabilities [L][B, H, P, P] used
+    instead of the computed ones."""
     from transformers.models.gpt2 import modeling_gpt2
 
     T = {k: torch.tensor(v) for k, v in w.items()}
-    xin, handles = {}, []
+    L = len(hf.transformer.h)
+    if T["W_dec"].ndim == 3:  # per layer: the diagonal of the cross-layer form
+        T["W_dec"] = torch.stack([torch.stack([T["W_dec"][i] * (i == l) for l in range(L)]) for i in range(L)])
+    xin, fg, handles = {}, {}, []
     for l, block in enumerate(hf.transformer.h):
         handles.append(block.ln_2.register_forward_hook(lambda m, a, o, l=l: xin.__setitem__(l, o)))
 
@@ -197,7 +202,10 @@ def torch_splice(hf, w, sets, *, keep_error=True, frozen=None):
             for (sl, p, feat), v in sets.items():
                 if sl == l:
                     g[:, p, feat] = v
-            return out + (g - f) @ T["W_dec"][l] if keep_error else g @ T["W_dec"][l] + T["b_dec"][l]
+            fg[l] = f, g
+            if keep_error:
+                return out + sum((fg[i][1] - fg[i][0]) @ T["W_dec"][i, l] for i in range(l + 1))
+            return sum(fg[i][1] @ T["W_dec"][i, l] for i in range(l + 1)) + T["b_dec"][l]
 
         handles.append(block.mlp.register_forward_hook(mlp_hook))
     original = modeling_gpt2.eager_attention_forward
@@ -245,6 +253,49 @@ def test_splice_transcoder_replacement_matches_torch(gpt2):
     # one layer's transcoder, a feature set at one position (the other layers' splices are the identity)
     got = np.asarray(model(tokens, edits=splice_transcoder(tc[1], set_features=[(1, 4, 3, 2.0)])))
     np.testing.assert_allclose(got, torch_logits(hf, tokens, w, {(1, 4, 3): 2.0}), atol=1e-4)
+
+
+def test_cross_layer_intervene_matches_torch(gpt2):
+    """A cross-layer transcoder: a feature set at layer i moves every later layer's MLP output too."""
+    hf, model, tc, w, tokens = gpt2
+    L, n, D = w["W_dec"].shape
+    r = np.random.default_rng(5)
+    W = np.zeros((L, L, n, D), np.float32)
+    for i in range(L):
+        W[i, i:] = r.normal(0, 0.2, (L - i, n, D))
+    clt = saes.CrossLayerTranscoder(W_enc=tc.W_enc, b_enc=tc.b_enc, b_dec=tc.b_dec, site=tc.site, out_site=tc.out_site,
+                                    W_dec=tuple(jnp.asarray(np.moveaxis(W[i, i:], 0, 1)) for i in range(L)))
+    wc = dict(w, W_dec=W)
+    sets = {(0, 3, 5): 0.0, (0, 6, 2): 4.0, (1, 6, 7): 2.5, (2, -1, 11): 0.0}
+    ivs = [(l, p, f, v) for (l, p, f), v in sets.items()]
+    with torch.no_grad():
+        attn = list(hf(torch.tensor(tokens), output_attentions=True).attentions)
+    loose = np.asarray(intervene(model, clt, tokens, ivs, freeze_attention=False))
+    np.testing.assert_allclose(loose, torch_logits(hf, tokens, wc, sets), atol=1e-4)
+    frozen = np.asarray(intervene(model, clt, tokens, ivs))
+    np.testing.assert_allclose(frozen, torch_logits(hf, tokens, wc, sets, frozen=attn), atol=1e-4)
+    per_layer = np.asarray(intervene(model, tc.replace(W_dec=jnp.asarray(W[np.arange(L), np.arange(L)])), tokens, ivs))
+    assert np.abs(frozen - per_layer).max() > 1e-2  # the cross-layer decoder rows matter
+    replaced = np.asarray(intervene(model, clt, tokens, ivs, keep_error=False, freeze_attention=False))
+    np.testing.assert_allclose(replaced, torch_logits(hf, tokens, wc, sets, keep_error=False), atol=1e-4)
+
+
+@pytest.mark.slow  # builds a graph
+def test_cross_layer_constrained_intervention_matches_graph_edges(gpt2):
+    """As for per-layer transcoders: doubling a cross-layer feature (direct effects only) moves each
+    demeaned target logit by its adjacency column."""
+    hf, model, tc, w, tokens = gpt2
+    L, n, D = w["W_dec"].shape
+    r = np.random.default_rng(6)
+    clt = saes.CrossLayerTranscoder(W_enc=tc.W_enc, b_enc=tc.b_enc, b_dec=tc.b_dec, site=tc.site, out_site=tc.out_site,
+                                    W_dec=tuple(jnp.asarray(r.normal(0, 0.2, (n, L - i, D)), jnp.float32) for i in range(L)))
+    g = saes.attribute(model, clt, tokens[0])
+    clean = np.asarray(model(tokens[0]))[0, -1]
+    for j in (0, g.n_features - 1):
+        l, p, f = (int(v) for v in g.features[j])
+        a = float(g.activation_values[g.selected_features[j]])
+        d = np.asarray(intervene(model, clt, tokens[0], [(l, p, f, 2 * a)], constrained=True))[-1] - clean
+        np.testing.assert_allclose((d - d.mean())[g.logit_tokens], g.adjacency[g.logit_nodes, j], atol=2e-5, rtol=1e-3)
 
 
 @pytest.mark.slow  # builds a graph (saes.attribute: two more compiled programs)

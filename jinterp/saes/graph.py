@@ -160,18 +160,22 @@ def _stack(dicts, n_layers) -> Dictionary:
     return dataclasses.replace(stacked, layers=layers, layer=None)
 
 
-def transcoder_set(transcoders, model) -> tuple[Dictionary, str]:
-    """(stacked per-layer transcoders, their input site) after checking they fit `model` (DictionaryError)."""
+def transcoder_set(transcoders, model) -> tuple[Dictionary | CrossLayerTranscoder, str]:
+    """(stacked per-layer transcoders or a cross-layer transcoder, their input site) after checking
+    they fit `model` (DictionaryError)."""
     from jinterp.saes import check
 
     cfg = model.config
     L = cfg.n_layers
     if isinstance(transcoders, CrossLayerTranscoder):
-        raise DictionaryError("attribution graphs with cross-layer transcoders are not implemented yet; "
-                              "use per-layer transcoders (a stacked Dictionary or a list of them)")
-    tc = transcoders if isinstance(transcoders, Dictionary) and transcoders.stacked else _stack(
-        [transcoders] if isinstance(transcoders, Dictionary) else transcoders, L)
-    if tuple(tc.layers) != tuple(range(L)):
+        tc = transcoders
+    else:
+        tc = transcoders if isinstance(transcoders, Dictionary) and transcoders.stacked else _stack(
+            [transcoders] if isinstance(transcoders, Dictionary) else transcoders, L)
+    if isinstance(tc, CrossLayerTranscoder):
+        if tc.n_layers != L:
+            raise DictionaryError(f"this cross-layer transcoder has {tc.n_layers} layers but the model has {L}")
+    elif tuple(tc.layers) != tuple(range(L)):
         raise DictionaryError(f"the transcoders cover layers {list(tc.layers)} but the model has {L} layers: attribution "
                               f"replaces every MLP, so pass one transcoder per layer 0..{L - 1}")
     if tc.out_site != R.OUT_SITE:
@@ -182,7 +186,8 @@ def transcoder_set(transcoders, model) -> tuple[Dictionary, str]:
         before = [s for s in order[:order.index(R.OUT_SITE)] if S.layout(s) == S.layout(R.OUT_SITE)]
         raise DictionaryError(f"{tc!r} reads {tc.site!r}; a transcoder for attribution reads a residual-width site of "
                               f"its block before {R.OUT_SITE}: one of {before}")
-    if tc.architecture == "gated" or tc.normalize != "none" or tc.rescale_acts_by_decoder_norm:
+    if isinstance(tc, Dictionary) and (tc.architecture == "gated" or tc.normalize != "none"
+                                       or tc.rescale_acts_by_decoder_norm):
         raise DictionaryError(f"{tc!r}: attribution needs pre-activations x @ W_enc + b_enc and activations decoded as "
                               "a @ W_dec (no gated encoder, no input normalisation, no decoder-norm rescaling)")
     check(tc, model)
@@ -237,7 +242,7 @@ def attribute(model, transcoders, tokens, *, max_n_logits: int = 10, desired_log
     """The attribution graph of each prompt (module docstring).
 
     transcoders: per-layer transcoders writing hook_mlp_out (a stacked Dictionary or a list, one per
-    layer). tokens: [P] ids or a string -> one Graph; [N, P] -> a list of N graphs, computed in the
+    layer), or a CrossLayerTranscoder (each feature's edges sum over the layers it writes). tokens: [P] ids or a string -> one Graph; [N, P] -> a list of N graphs, computed in the
     same programs. batch_size: target rows per vmapped backward pass (default: up to 512).
     zero_positions: positions whose features and errors are zeroed (the BOS position by default).
     mesh: a jax Mesh whose first axis splits the target rows over devices."""
@@ -272,7 +277,7 @@ def attribute(model, transcoders, tokens, *, max_n_logits: int = 10, desired_log
     logits = [salient_logits(probs[b], max_n_logits, float(desired_logit_prob)) for b in range(N)]
     n_act = [len(a) for a in active]
     L = cfg.n_layers
-    src_dev, S_pad = _source_grid(active, values, L, P)
+    src_dev, S_pad = _source_grid(active, values, L, P, isinstance(tc, CrossLayerTranscoder))
 
     def run(specs, bs, R_pad=None):
         """specs[b]: list of (kind, layer, pos, id) target rows -> host rows [len, n_active_b + (L+1)P + n_logits_b],
@@ -311,22 +316,37 @@ def attribute(model, transcoders, tokens, *, max_n_logits: int = 10, desired_log
     return graphs[0] if single else graphs
 
 
-def _source_grid(active, values, L, P):
-    """Active features grouped by slot l*P + p: (layer, feature, value) [N, L*P, M] (M: the most in one
-    slot, rounded up to a power of two), each source's flat index into the grid [N, S_pad], and S_pad."""
+def _source_grid(active, values, L, P, cross_layer: bool):
+    """Decoder rows grouped by slot l*P + p: (source layer, feature, value) [N, L*P, M] (M: the most
+    in one slot, rounded up to a power of two), each source's rows in the flat grid [N, S_pad, J]
+    (J = 1; L for a cross-layer transcoder, whose feature at layer i has a row at every slot (l, p),
+    l >= i; unused entries point past the grid, at a zero), and S_pad."""
     N = len(active)
-    slots = [a[:, 0] * P + a[:, 1] for a in active]
+    J = L if cross_layer else 1
+    # one decoder row per (source, output layer): source index, its layer, position, feature, output layer
+    rows = []
+    for a in active:
+        src = np.arange(len(a))
+        if cross_layer:
+            out = np.concatenate([np.arange(l, L) for l in a[:, 0]]) if len(a) else np.zeros(0, np.int64)
+            src = np.repeat(src, L - a[:, 0])
+        else:
+            out = a[:, 0]
+        r = np.stack([src, a[src, 0], a[src, 1], a[src, 2], out], 1) if len(a) else np.zeros((0, 5), np.int64)
+        rows.append(r[np.lexsort((r[:, 0], r[:, 4] * P + r[:, 2]))])  # by slot, then source order
+    slots = [r[:, 4] * P + r[:, 2] for r in rows]
     most = max([1] + [int(np.bincount(s).max()) for s in slots if len(s)])
     M = 1 << (most - 1).bit_length()  # a power of two: prompts of one length rarely need a new program
     S_pad = _bucket(max(16, max(len(a) for a in active)))
     ids = np.zeros((2, N, L * P, M), np.int32)
     val = np.zeros((N, L * P, M), np.float32)
-    flat = np.zeros((N, S_pad), np.int32)
-    for b, (a, s) in enumerate(zip(active, slots)):
-        j = np.arange(len(s)) - np.searchsorted(s, s)  # rank within its slot (sources are sorted by slot)
-        ids[:, b, s, j] = a[:, 0], a[:, 2]
-        val[b, s, j] = values[b]
-        flat[b, :len(s)] = s * M + j
+    flat = np.full((N, S_pad, J), L * P * M, np.int32)
+    for b, (r, s) in enumerate(zip(rows, slots)):
+        j = np.arange(len(s)) - np.searchsorted(s, s)  # rank within its slot (rows are sorted by slot)
+        ids[:, b, s, j] = r[:, 1], r[:, 3]
+        val[b, s, j] = values[b][r[:, 0]]
+        k = r[:, 4] - r[:, 1] if cross_layer else np.zeros(len(r), np.int64)  # which of the source's rows
+        flat[b, r[:, 0], k] = s * M + j
     return tuple(jnp.asarray(x) for x in (ids[0], ids[1], val, flat)), S_pad
 
 

@@ -22,6 +22,10 @@ as in TransformerLens; the same edges as the column at the norm's output) at the
     features  g_out[layer_s, pos_s] . (a_s W_dec[layer_s, f_s])   (grouped by slot: g_out[l, p] @ its sources)
     errors    g_out[l, p] . error[l, p]
     tokens    g_emb[p] . embed[p]
+
+A cross-layer transcoder's feature at (i, p) writes every output layer l >= i: it is one decoder
+row a_s W_dec_i[f_s, l - i] at each slot (l, p), and its entry sums its rows (circuit-tracer's
+encoder_to_decoder_map). A per-layer transcoder's feature is one row at its own slot.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from jax import lax
 from jinterp import arch
 from jinterp import edits as E
 from jinterp import sites as S
+from jinterp.saes.dictionary import CrossLayerTranscoder
 
 OUT_SITE = "hook_mlp_out"
 F32 = jnp.float32
@@ -109,6 +114,18 @@ def clean_run(params, tc, tokens, zero_mask, *, cfg, in_site):
                 probs=jax.nn.softmax(logits[:, -1].astype(F32), axis=-1))
 
 
+def decoder_rows(tc, src_layer, feature, out_layer):
+    """The decoder vectors W_dec rows [..., D] of features (src_layer, feature) written at out_layer
+    (a per-layer transcoder: out_layer == src_layer; a cross-layer one: one static gather per source layer)."""
+    if not isinstance(tc, CrossLayerTranscoder):
+        return tc.W_dec[src_layer, feature].astype(F32)
+    out = 0.0
+    for i, W in enumerate(tc.W_dec):  # W [d_sae, L - i, D]
+        v = W[feature, jnp.clip(out_layer - i, 0, W.shape[1] - 1)].astype(F32)
+        out = out + jnp.where((src_layer == i)[..., None], v, 0.0)
+    return out
+
+
 def _one_prompt(params, tc, tokens, src_grid, src_flat, errors, embed, row_vec, row_slot, *, cfg, in_site, batch):
     """Rows [R, S + L*P + P] of one prompt's edge matrix for the targets (row_vec [R, D], row_slot [R])."""
     L, P, D = cfg.n_layers, tokens.shape[0], cfg.d_model
@@ -127,8 +144,11 @@ def _one_prompt(params, tc, tokens, src_grid, src_flat, errors, embed, row_vec, 
     def row(vec, slot):
         g_out, g_emb = vjp(jnp.zeros(out.shape, out.dtype).at[slot].set(vec))
         g_out = g_out.reshape(L * P, D).astype(F32)
-        # sources grouped by slot (layer, pos): one small matmul per slot, no [S, D] gather per row
-        a_feat = jnp.take(jnp.einsum("kd,kmd->km", g_out, src_grid).reshape(-1), src_flat)
+        # decoder rows grouped by slot (layer, pos): one small matmul per slot, no [S, D] gather per row;
+        # src_flat [S, J]: each source's rows in the grid (J = 1, or L for a cross-layer transcoder; the
+        # last index is a zero)
+        a_rows = jnp.einsum("kd,kmd->km", g_out, src_grid).reshape(-1)
+        a_feat = jnp.take(jnp.append(a_rows, 0.0), src_flat).sum(-1)
         a_err = jnp.einsum("kd,kd->k", g_out, err)
         a_tok = jnp.einsum("pd,pd->p", g_emb[0].astype(F32), embed)
         return jnp.concatenate([a_feat, a_err, a_tok])
@@ -143,13 +163,14 @@ def _one_prompt(params, tc, tokens, src_grid, src_flat, errors, embed, row_vec, 
 @functools.partial(jax.jit, static_argnames=("cfg", "in_site", "batch", "mesh"))
 def edge_rows(params, tc, tokens, src, errors, embed, rows, *, cfg, in_site, batch, mesh=None):
     """Edge rows for every prompt: [N, R, S + L*P + P] (columns: sources in src order, error nodes
-    l*P + p, token nodes). tokens [N, P]; src = (layer, feature, value) each [N, L*P, M]: the
-    active features of slot l*P + p (value 0 for padding), and flat [N, S]: source s's index into
-    that grid; rows = (kind, layer, pos, id) each [N, R]: kind 0 a feature (id = its feature at
+    l*P + p, token nodes). tokens [N, P]; src = (source layer, feature, value) each [N, L*P, M]: the
+    decoder rows written at slot l*P + p (value 0 for padding), and flat [N, S, J]: source s's
+    indices into that grid (L*P*M for none); rows = (kind, layer, pos, id) each [N, R]: kind 0 a feature (id = its feature at
     (layer, pos)), 1 a logit (id = vocab id), 2 padding. R is a multiple of batch (x mesh size)."""
     L, P = cfg.n_layers, tokens.shape[1]
     s_layer, s_feat, s_val, src_flat = src
-    src_grid = tc.W_dec[s_layer, s_feat].astype(F32) * s_val[..., None]  # [N, L*P, M, D]
+    out_layer = (jnp.arange(L * P) // P)[None, :, None]  # slot l*P + p writes at layer l
+    src_grid = decoder_rows(tc, s_layer, s_feat, out_layer) * s_val[..., None]  # [N, L*P, M, D]
     kind, r_layer, r_pos, r_id = rows
     W_U = params["unembed"]["W_U"].astype(F32)
     # the logit direction at ln_final.hook_normalized (pre-affine): w * (demeaned column at the norm's output)
