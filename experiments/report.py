@@ -11,7 +11,9 @@
 
 Everything is written into a hidden staging directory next to `out_dir` and moved into place by
 `finish()`, so an interrupted run leaves no half-written report, and an existing output
-directory is only replaced with `overwrite=True`.
+directory is only replaced with `overwrite=True`. In a multi-process run (`jinterp.distributed`)
+every process runs the experiment, but only process 0 writes: the others stage into a private
+temporary directory that `finish()` removes.
 
 `count_compiles()` is a context manager counting the XLA programs compiled inside it (through
 `jax.monitoring`), so a report can say how many programs a run needed.
@@ -23,6 +25,7 @@ import collections
 import datetime
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,10 +119,14 @@ class Report:
         self.overwrite = overwrite
         self.name = name
         self.config = dict(config or {})
-        self.stage = self.out.parent / f".{self.out.name}.partial"
-        if self.stage.exists():
-            shutil.rmtree(self.stage)
-        self.stage.mkdir(parents=True)
+        self.main = _process_index() == 0
+        if self.main:
+            self.stage = self.out.parent / f".{self.out.name}.partial"
+            if self.stage.exists():
+                shutil.rmtree(self.stage)
+            self.stage.mkdir(parents=True)
+        else:  # not process 0: the same calls, into a directory nobody reads
+            self.stage = Path(tempfile.mkdtemp(prefix=f"jinterp-{name}-process-"))
         self.numbers: dict = {}
         self.claims: list[dict] = []
         self.files: list[str] = []
@@ -200,6 +207,9 @@ class Report:
         doc = dict(experiment=self.name, config=_jsonable(self.config), numbers=self.numbers, claims=self.claims,
                    files=sorted(self.files), run=_jsonable(dict(self.meta, finished=when)))
         (self.stage / "report.json").write_text(json.dumps(doc, indent=1))
+        if not self.main:
+            self.abandon()
+            return self.out
         old = None
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite and (not self.out.is_dir() or any(self.out.iterdir())):
@@ -216,6 +226,12 @@ class Report:
     def abandon(self) -> None:
         """Remove the staging directory (an interrupted or failed run)."""
         shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def _remove(path: Path) -> None:

@@ -36,10 +36,10 @@ def setup():
     metric = metrics.logit_diff(rs.randint(0, 50, (2, 2)))
     return model, clean, corrupted, metric
 
-def resid_pre(mesh=None):
+def resid_pre(mesh=None, **kw):
     model, clean, corrupted, metric = setup()
     _, cache = model.run_with_cache(clean)
-    return patching.resid_pre(model, corrupted, cache, metric, progress=False, mesh=mesh).values
+    return patching.resid_pre(model, corrupted, cache, metric, progress=False, mesh=mesh, **kw).values
 """
 
 CACHE_SCRIPT = SETUP + """
@@ -67,6 +67,18 @@ rows = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec(
 np.testing.assert_array_equal(distributed.to_host(rows), np.arange(8))
 if distributed.is_main():
     np.save(out, values)
+# a checkpointed sweep: process 0 saves; the re-run resumes in both processes from process 0's copy
+ckpt = out + ".ckpt"
+np.testing.assert_array_equal(resid_pre(mesh, checkpoint_dir=ckpt, chunk_size=4), values)
+stats = {}
+np.testing.assert_array_equal(resid_pre(mesh, checkpoint_dir=ckpt, stats=stats), values)
+assert stats["chunks"] == [], stats["chunks"]  # nothing left to run
+# an experiment report: every process makes it, process 0 alone writes it
+from experiments.report import Report
+rep = Report(out + ".report", "two-hosts")
+rep.number("pid", pid)
+rep.arrays("raw", values=values)
+rep.finish("two hosts")
 print("host", pid, "ok")
 """
 
@@ -157,6 +169,9 @@ def test_two_processes_run_one_sweep(tmp_path):
     for i, (p, (stdout, stderr)) in enumerate(zip(procs, logs)):
         assert p.returncode == 0 and f"host {i} ok" in stdout, stderr[-4000:]
     np.testing.assert_allclose(np.load(out), _reference(), atol=1e-5)
+    # one checkpoint (process 0's) and one report, process 0's; nothing else left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, out.name + ".ckpt", out.name + ".report"])
+    assert json.loads((tmp_path / (out.name + ".report") / "report.json").read_text())["numbers"] == {"pid": 0}
 
 
 def test_unreachable_coordinator_fails_within_the_timeout():

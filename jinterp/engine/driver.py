@@ -304,7 +304,8 @@ def sweep(
     a model held whole on every device. A model loaded with jinterp.load(..., mesh=) needs none: its
     sweeps run on its own mesh.
     memory_budget: bytes a chunk may take (None: half the device's free memory, engine.plan.chunk_budget).
-    checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run.
+    checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run (with several
+    processes, process 0 writes and reads it; a directory every process can see is not needed).
     stats: a dict to fill with the plan (chunks, rows, cells' bounds) for engine/flops.py.
     allow_nan: return results holding NaN; by default a NaN anywhere in a cell's output raises a
     SweepError naming the cell (by cell_labels: cell key -> the label of each index, as sweep_grid
@@ -378,7 +379,7 @@ def sweep(
                               else [(ch.layer, ch.size)]) for ch in chunks])
 
     bar = None
-    if progress and len(chunks) > 1:
+    if progress and len(chunks) > 1 and jax.process_index() == 0:  # one bar, in process 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=desc, unit="cell", leave=False)

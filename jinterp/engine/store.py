@@ -48,12 +48,16 @@ class SweepStore:
 
     The directory holds one orbax checkpoint per save (the newest kept) of {"results", "done"} and
     the sweep's signature; a store whose signature differs (other model, cells or inputs) is refused
-    rather than silently mixed.
+    rather than silently mixed. With several processes (`jinterp.distributed`), process 0 alone reads
+    and writes the store (every process holds the whole result), and `load` hands its copy to all.
     """
 
     def __init__(self, directory, signature: str):
         self.dir = Path(directory).absolute()
         self.signature = signature
+        self.main = jax.process_index() == 0
+        if not self.main:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         sig_file = self.dir / "signature.txt"
         if sig_file.exists() and sig_file.read_text().strip() != signature:
@@ -62,11 +66,16 @@ class SweepStore:
                 "use a new checkpoint_dir or delete it"
             )
         sig_file.write_text(signature)
-        self.mngr = ocp.CheckpointManager(self.dir / "steps", options=ocp.CheckpointManagerOptions(max_to_keep=1))
+        options = ocp.CheckpointManagerOptions(max_to_keep=1)
+        if jax.process_count() > 1:  # a manager of process 0 alone: no barriers with the others
+            (self.dir / "steps").mkdir(exist_ok=True)  # orbax does not create it for a subset of processes
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0}))
+        self.mngr = ocp.CheckpointManager(self.dir / "steps", options=options)
         self._step = self.mngr.latest_step() or 0
 
-    def load(self, like):
-        """(results, done) from the newest save, or None."""
+    def _load(self, like):
         step = self.mngr.latest_step()
         if step is None:
             return None
@@ -75,7 +84,22 @@ class SweepStore:
         got = self.mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         return jax.tree.map(lambda a: np.array(a), got["results"]), np.array(got["done"])
 
+    def load(self, like):
+        """(results, done) from the newest save, or None (in every process: process 0's copy)."""
+        got = self._load(like) if self.main else None
+        if jax.process_count() == 1:
+            return got
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(got is not None))):
+            return None
+        results, done = got if self.main else (like, np.zeros(len(jax.tree.leaves(like)[0]), bool))
+        results, done = multihost_utils.broadcast_one_to_all((results, done.astype(np.int32)))
+        return jax.tree.map(lambda a: np.array(a), results), np.asarray(done) != 0
+
     def save(self, results, done) -> None:
+        if not self.main:
+            return
         self._step += 1
         self.mngr.save(self._step, args=ocp.args.StandardSave({"results": results, "done": done}))
         self.mngr.wait_until_finished()
