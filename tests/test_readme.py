@@ -49,6 +49,20 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert env["result"].values[0, 6] == pytest.approx(clean_metric, rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow  # ~50 s of compiles; each call is covered by tests/test_saes.py, test_graph*.py, test_splice.py
+def test_dictionaries_block_runs(tmp_path, monkeypatch):
+    """The README's dictionaries and attribution-graph block runs as written (from the repository root)."""
+    (code,) = [c for c in _code_blocks("python") if "saes.attribute" in c]
+    monkeypatch.chdir(tmp_path)
+    code = code.replace('"models/', f'"{ROOT}/models/')
+    env = {}
+    exec(compile(code, "README.md", "exec"), env)
+    assert (tmp_path / "apple.png").exists() and (tmp_path / "graphs" / "apple.json").exists()
+    assert "<html" in (tmp_path / "apple.html").read_text()[:200].lower()
+    assert sorted(p.name for p in (tmp_path / "saes").iterdir()) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
+                                                                       "metrics.json"]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """`jinterp demo --out DIR`, in process: (printed text, DIR)."""
