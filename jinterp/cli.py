@@ -53,19 +53,18 @@ def train_dictionaries(
     steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
 ):
     """Retrain the sparse dictionaries shipped with an organism (models/NAME/dictionaries.py)."""
-    import importlib.util
+    from jinterp.saes import shipped
 
-    from jinterp.train import organisms
-
-    path = organisms.models_dir() / name / "dictionaries.py"
-    if not path.is_file():
-        have = sorted(p.parent.name for p in organisms.models_dir().glob("*/dictionaries.py"))
-        typer.echo(f"Error: {path} does not exist; organisms with dictionaries: {have}", err=True)
-        raise typer.Exit(2)
-    spec = importlib.util.spec_from_file_location(f"jinterp_dictionaries_{name.replace('-', '_')}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    record = mod.train(out, seed=seed, steps=steps)
+    try:
+        spec = shipped.spec(name)
+    except FileNotFoundError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        record = shipped.train(spec, out, seed=seed, steps=steps)
+    except FileExistsError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(record["metrics"], indent=1))
 
 

@@ -18,7 +18,8 @@ from jinterp.saes.formats import FORMATS, DictionaryError, detect, load
 from jinterp.saes.hooks import site_width, to_site
 from jinterp.saes.splicing import (Splice, TranscoderSplice, ablation_sweep, acts_name, feature_attribution,
                                    run_with_features, splice, splice_transcoder)
-from jinterp.saes import influence, train  # influence.prune / graph_scores; train.fit, train.save_saelens
+from jinterp.saes import influence, shipped, train  # influence.prune / graph_scores; train.fit, train.save_saelens
+# shipped: the organisms' trained dictionaries (shipped.load("ioi-4l"), shipped.train(spec, out))
 from jinterp.saes.graph import Graph, attribute
 from jinterp.saes.graph_export import to_json, to_png
 from jinterp.saes.graph_html import feature_top_activations, to_html
@@ -27,7 +28,7 @@ from jinterp.saes.intervene import intervene
 __all__ = ["CrossLayerTranscoder", "Dictionary", "DictionaryError", "FORMATS", "Graph", "Splice", "TranscoderSplice",
            "ablation_sweep", "acts_name", "attribute", "check", "detect", "feature_attribution", "feature_top_activations",
            "influence", "intervene", "load", "run_with_features", "site_width", "splice", "splice_transcoder", "to_html",
-           "to_json", "to_png", "to_site", "train"]
+           "to_json", "to_png", "to_site", "train", "shipped"]
 
 
 def check(dictionary, model) -> None:

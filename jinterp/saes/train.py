@@ -13,6 +13,9 @@ every layer's dictionary. Activations are streamed, never stored.
     run.save("out/")                       # out/blocks.{l}.{site}/ in the SAELens format + metrics.json
     train.save_saelens(run[0], "one_sae/")  # one layer, SAELens 6 layout; SAE.load_from_disk reads it
 
+Padded rows: a batch may be a pair (tokens, attention_mask) (batches.py). Every mean below is over
+the real tokens that count (loss, normalisation, dead counts, logs); the forward sees the mask.
+
 Per layer l, on activations x [N, d_in] (and, for a transcoder, targets y [N, d_out]; y = x for an SAE):
 
     x, y scaled by s_in = sqrt(d_in) / E|x|, s_out = sqrt(d_out) / E|y| (from the first batch;
@@ -55,6 +58,7 @@ import optax
 
 from jinterp import arch
 from jinterp import sites as S
+from jinterp.saes import batches as TB
 from jinterp.saes import dead as D
 from jinterp.saes.dictionary import Dictionary
 from jinterp.saes.evaluate import TrainedDictionaries, site_names
@@ -88,20 +92,19 @@ class _Spec:
     dead_window: int = 100
 
 
-def _acts(model_params, tokens, spec: _Spec):
-    """Site activations at every trained layer: x [L, N, d_in], y [L, N, d_out] (y is x for an SAE)."""
-    _, acts = arch.forward(model_params, tokens, None, (), cfg=spec.cfg, record=spec.record)
+def _acts(model_params, tokens, mask, keep, spec: _Spec):
+    """Site activations at every trained layer: x [L, N, d_in], y [L, N, d_out] (y is x for an SAE),
+    and w [N], 1.0 on the tokens that count (real, not BOS with skip_bos) and 0.0 elsewhere."""
+    _, acts = arch.forward(model_params, tokens, mask, (), cfg=spec.cfg, record=spec.record)
 
     def grab(local):
         a = acts[local]  # [L_recorded, B, P, ...]
         rec = dict(spec.record)[local]
         a = a[jnp.asarray([rec.index(l) for l in spec.layers])] if tuple(rec) != spec.layers else a
-        if spec.skip_bos:
-            a = a[:, :, 1:]
         return jax.lax.stop_gradient(a.reshape(a.shape[0], a.shape[1] * a.shape[2], -1).astype(jnp.float32))
 
     x = grab(spec.site)
-    return x, (grab(spec.out_site) if spec.transcoder else x)
+    return x, (grab(spec.out_site) if spec.transcoder else x), keep.reshape(-1).astype(jnp.float32)
 
 
 def _encode(p, x, spec: _Spec):
@@ -123,33 +126,49 @@ def _decode(p, f, x, spec: _Spec):
     return y_hat + x @ p["W_skip"] if spec.skip else y_hat
 
 
-def _layer_loss(p, x, y, dead, coeff, spec: _Spec):
+def _layer_loss(p, x, y, w, dead, coeff, spec: _Spec):
+    n = jnp.maximum(w.sum(), 1.0)
+
+    def mean(v):  # over the tokens that count
+        return (v * w).sum() / n
+
     f, pre = _encode(p, x, spec)
     y_hat = _decode(p, f, x, spec)
     err = jnp.sum((y - y_hat) ** 2, -1)  # [N]
-    mse = err.mean()
+    mse = mean(err)
     if spec.architecture == "relu":
-        sparsity = jnp.abs(f).sum(-1).mean()
+        sparsity = mean(jnp.abs(f).sum(-1))
     elif spec.architecture == "jumprelu":
         theta = jnp.broadcast_to(jnp.exp(p["log_threshold"]), pre.shape)
-        sparsity = heaviside(pre, theta, spec.bandwidth).sum(-1).mean()
+        sparsity = mean(heaviside(pre, theta, spec.bandwidth).sum(-1))
     else:
         sparsity = jnp.zeros((), mse.dtype)
     loss = mse + coeff * sparsity
     auxk = jnp.zeros((), mse.dtype)
     if spec.architecture == "topk" and spec.auxk_coeff > 0:
-        auxk = spec.auxk_coeff * D.auxk_loss(pre, p["W_dec"], y - y_hat, dead, spec.k_aux)
+        # tokens that do not count get pre-activations and residual 0, so they add exactly 0 to AuxK's
+        # mean over all N tokens; N / n turns that into the mean over the counted tokens
+        on = w[:, None] > 0
+        auxk = spec.auxk_coeff * D.auxk_loss(jnp.where(on, pre, 0.0), p["W_dec"], jnp.where(on, y - y_hat, 0.0),
+                                             dead, spec.k_aux) * (w.shape[0] / n)
         loss = loss + auxk
-    active = f > 0
-    var = jnp.sum((y - y.mean(0)) ** 2)
+    active = (f > 0) & (w[:, None] > 0)
+    var = jnp.sum(w[:, None] * (y - (y * w[:, None]).sum(0) / n) ** 2)
     aux = {
         "mse": mse,
         "auxk": auxk,
-        "l0": active.sum(-1).mean(),
-        "explained_variance": 1.0 - err.sum() / jnp.maximum(var, 1e-30),
+        "l0": mean(active.sum(-1)),
+        "explained_variance": 1.0 - (w * err).sum() / jnp.maximum(var, 1e-30),
         "fired": active.any(0),
     }
     return loss, aux
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(lr: float):
+    """One optax.adam per learning rate: the optimizer is part of the compiled step's static key, so
+    fits with equal settings share one program."""
+    return optax.adam(lr)
 
 
 def _unit_rows(W):
@@ -157,15 +176,17 @@ def _unit_rows(W):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnums=(0, 1, 2))
-def _train_step(params, opt_state, since_fired, model_params, tokens, scale_in, scale_out, coeff, *, spec: _Spec):
-    x, y = _acts(model_params, tokens, spec)
+def _train_step(params, opt_state, since_fired, model_params, tokens, mask, keep, scale_in, scale_out, coeff, *,
+                spec: _Spec):
+    x, y, w = _acts(model_params, tokens, mask, keep, spec)
     x = x * scale_in[:, None, None]
     y = y * scale_out[:, None, None]
 
     dead = since_fired >= spec.dead_window
 
     def total(p):
-        losses, aux = jax.vmap(functools.partial(_layer_loss, spec=spec))(p, x, y, dead, coeff)
+        one = functools.partial(_layer_loss, spec=spec)
+        losses, aux = jax.vmap(one, (0, 0, 0, None, 0, 0))(p, x, y, w, dead, coeff)
         return losses.sum(), (losses, aux)
 
     grads, (losses, aux) = jax.grad(total, has_aux=True)(params)
@@ -177,10 +198,11 @@ def _train_step(params, opt_state, since_fired, model_params, tokens, scale_in, 
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "scale"), donate_argnums=(0, 1, 2))
-def _resample_step(params, opt_state, since_fired, model_params, tokens, scale_in, scale_out, key, *, spec: _Spec,
-                   scale: float):
-    """Resample every layer's dead features on this batch (dead.py); returns the count per layer."""
-    x, y = _acts(model_params, tokens, spec)
+def _resample_step(params, opt_state, since_fired, model_params, tokens, mask, keep, scale_in, scale_out, key, *,
+                   spec: _Spec, scale: float):
+    """Resample every layer's dead features on this batch (dead.py; tokens that do not count are never
+    picked); returns the count per layer."""
+    x, y, w = _acts(model_params, tokens, mask, keep, spec)
     x = x * scale_in[:, None, None]
     y = y * scale_out[:, None, None]
     dead = since_fired >= spec.dead_window
@@ -190,7 +212,7 @@ def _resample_step(params, opt_state, since_fired, model_params, tokens, scale_i
         y_hat = _decode(p, f, x, spec)
         enc_in = x if spec.transcoder else x - p["b_dec"]
         dec_dirs = y - y_hat if spec.transcoder else enc_in
-        return D.resample_layer(p, dead, enc_in, dec_dirs, jnp.sum((y - y_hat) ** 2, -1), key, scale)
+        return D.resample_layer(p, dead, enc_in, dec_dirs, w * jnp.sum((y - y_hat) ** 2, -1), key, scale)
 
     keys = jax.random.split(key, dead.shape[0])
     params = jax.vmap(one)(params, x, y, dead, keys)
@@ -198,16 +220,16 @@ def _resample_step(params, opt_state, since_fired, model_params, tokens, scale_i
     return params, opt_state, jnp.where(dead, 0, since_fired), dead.sum(-1)
 
 
-def _first_stats(model, tokens, spec: _Spec):
-    """Per layer, from the first batch: mean |x|, mean |y|, mean of y, and d_in (through the model's
-    own compiled run_with_cache, which evaluate reuses)."""
+def _first_stats(model, tokens, mask, keep, spec: _Spec):
+    """Per layer, from the first batch's tokens that count: mean |x|, mean |y|, mean of y, d_in and
+    d_out (through the model's own compiled run_with_cache, which evaluate reuses)."""
     names = site_names(spec.cfg, spec.site, spec.out_site)
-    _, cache = model.run_with_cache(tokens, names=names)
+    _, cache = model.run_with_cache(tokens, names=names, attention_mask=mask)
+    rows = np.asarray(keep).reshape(-1)
 
     def flat(local):
         a = jnp.stack([cache[f"blocks.{l}.{local}"] for l in spec.layers]).astype(jnp.float32)
-        a = a[:, :, 1:] if spec.skip_bos else a
-        return a.reshape(a.shape[0], a.shape[1] * a.shape[2], -1)
+        return a.reshape(a.shape[0], a.shape[1] * a.shape[2], -1)[:, rows]
 
     x = flat(spec.site)
     y = flat(spec.out_site) if spec.transcoder else x
@@ -229,33 +251,6 @@ def _init_layer(key, d_in, d_sae, d_out, transcoder, architecture, init_threshol
     if skip:
         p["W_skip"] = jnp.zeros((d_in, d_out), jnp.float32)
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# token batches
-
-
-def _batches(token_batches, batch_size, seed):
-    """An iterator of int token arrays [B, P] from a generator/iterable, a callable(rng), or an [N, P] array."""
-    if callable(token_batches) and not hasattr(token_batches, "__iter__"):
-        rng = np.random.default_rng(seed)
-        while True:
-            yield np.asarray(token_batches(rng))
-    if isinstance(token_batches, (np.ndarray, jax.Array)):
-        arr = np.asarray(token_batches)
-        if arr.ndim != 2:
-            raise ValueError(f"a token array must be [N, pos], got shape {arr.shape}")
-        bs = batch_size or min(len(arr), 32)
-        if bs > len(arr):
-            raise ValueError(f"batch_size={bs} is larger than the {len(arr)} rows of tokens given")
-        rng = np.random.default_rng(seed)
-        while True:
-            perm = rng.permutation(len(arr))
-            for i in range(0, len(arr) - bs + 1, bs):
-                yield arr[perm[i:i + bs]]
-    else:
-        for b in token_batches:
-            yield np.asarray(b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +277,7 @@ def fit(
     transcoder_out: str | None = None,
     normalize: bool = True,
     skip_bos: bool = True,
+    attention_mask=None,
     dead_window: int = 100,
     log_every: int = 10,
     optimizer: optax.GradientTransformation | None = None,
@@ -295,14 +291,15 @@ def fit(
     """Train one dictionary per layer on activations streamed from `model`, all layers in one
     jitted step (module docstring for the maths).
 
-    token_batches: a generator/iterable of int token arrays [B, P], a callable rng -> [B, P] (drawn
-    from numpy's default_rng(seed)), or an array [N, P] cycled through in shuffled minibatches of
-    `batch_size`. site: the local site read (e.g. "hook_resid_post", "hook_resid_mid",
+    token_batches: a generator/iterable of batches, a callable rng -> batch (rng = numpy's
+    default_rng(seed)), or an array [N, P] (with `attention_mask` [N, P] if padded) cycled through
+    in shuffled minibatches of `batch_size`; a batch is int tokens [B, P] or a pair (tokens,
+    attention_mask), padded positions left out of everything (module docstring). site: the local site read (e.g. "hook_resid_post", "hook_resid_mid",
     "mlp.hook_in", the MLP's input); transcoder_out: the site predicted (e.g. "hook_mlp_out") for a per-layer
     transcoder, None for an SAE. layers: which layers (default all). architecture: "relu" (with
     coefficient `l1`, a number or one per layer), "topk" (`k` features per token), "jumprelu" (L0 coefficient `l0`, STE
     `bandwidth`, initial threshold `init_threshold`, both in normalised units). skip_bos: leave out
-    position 0 (BOS, whose residual is an outlier) when training. Training stops early, with a
+    each row's first real token (BOS, whose residual is an outlier) when training. Training stops early, with a
     warning, if token_batches runs out. optimizer: default optax.adam(lr). skip: a transcoder's
     linear skip connection W_skip. auxk_coeff / k_aux: the TopK AuxK loss (k_aux default d_in // 2,
     as SAELens; coefficient 0 turns it off). resample_every: resample the features dead (no firing
@@ -339,7 +336,7 @@ def fit(
     if skip and not transcoder:
         raise ValueError("skip=True is a transcoder's skip connection; pass transcoder_out=... (e.g. 'hook_mlp_out')")
     custom_optimizer = optimizer is not None
-    optimizer = optimizer or optax.adam(lr)
+    optimizer = optimizer or _adam(float(lr))
     spec = _Spec(cfg=cfg, record=tuple(sorted(record.items())), site=local, out_site=out_local, layers=layers,
                  architecture=architecture, k=k if architecture == "topk" else None, bandwidth=float(bandwidth),
                  skip_bos=skip_bos, transcoder=transcoder, optimizer=optimizer, skip=skip,
@@ -349,17 +346,19 @@ def fit(
         raise ValueError(f"l1 / l0 is one number or one per trained layer ({len(layers)}), got {coeff.tolist()}")
     coeff = jnp.broadcast_to(jnp.asarray(coeff), (len(layers),))
 
-    it = _batches(token_batches, batch_size, seed)
+    it = TB.iterate(token_batches, batch_size, seed, attention_mask)
     try:
         first = next(it)
     except StopIteration:
         raise ValueError("token_batches gave no batches") from None
-    tokens, _ = model.prepare_inputs(first)
-    if skip_bos and tokens.shape[1] < 2:
-        raise ValueError("with skip_bos=True every row needs at least 2 tokens")
+
+    def prepare(b):
+        return TB.prepare(model, *b, skip_bos=skip_bos)
+
+    tokens, mask, keep = prepare(first)
     context_size = int(tokens.shape[1])
     mp = model.params
-    norm_x, norm_y, mean_y, d_in, d_out = _first_stats(model, tokens, spec)
+    norm_x, norm_y, mean_y, d_in, d_out = _first_stats(model, tokens, mask, keep, spec)
     if normalize:
         scale_in = jnp.sqrt(jnp.float32(d_in)) / jnp.maximum(norm_x, 1e-12)
         scale_out = jnp.sqrt(jnp.float32(d_out)) / jnp.maximum(norm_y, 1e-12)
@@ -385,19 +384,19 @@ def fit(
     resample_key = jax.random.fold_in(key, 10**6)
     t0 = time.time()
     done = 0
-    batch = tokens
+    batch = (tokens, mask, keep)
     for s in range(steps):
         if s > 0:
             try:
-                batch, _ = model.prepare_inputs(next(it))
+                batch = prepare(next(it))
             except StopIteration:
                 warnings.warn(f"token_batches ran out after {s} steps (of {steps})", stacklevel=2)
                 break
-        params, opt_state, since, m = _train_step(params, opt_state, since, mp, batch, scale_in, scale_out, coeff,
+        params, opt_state, since, m = _train_step(params, opt_state, since, mp, *batch, scale_in, scale_out, coeff,
                                                   spec=spec)
         done = s + 1
         if resample_every and done % resample_every == 0 and done < steps:
-            params, opt_state, since, n = _resample_step(params, opt_state, since, mp, batch, scale_in, scale_out,
+            params, opt_state, since, n = _resample_step(params, opt_state, since, mp, *batch, scale_in, scale_out,
                                                          jax.random.fold_in(resample_key, done), spec=spec,
                                                          scale=float(resample_scale))
             resampled.append((done, n))

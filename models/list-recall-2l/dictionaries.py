@@ -1,0 +1,59 @@
+"""list-recall-2l's dictionaries: per-layer transcoders trained on the organism's own list prompts.
+
+`transcoders/`: one ReLU transcoder per layer (2) reading `blocks.{l}.mlp.hook_in` (the MLP's
+input) and predicting `blocks.{l}.hook_mlp_out`, trained with `jinterp.saes.train.fit` (both
+layers vmapped in one program) on the training distribution (`laundry.training_batch`: a list of
+N_RANGE items, the list again with one item missing, the answer and EOS; right-padded to 24
+tokens). Batches carry an attention mask: padding is left out of training and of every metric.
+Trained, evaluated and saved by `jinterp.saes.shipped`.
+
+Retrain (writes DIR/transcoders; refuses a non-empty one):
+
+    jinterp train-dictionaries list-recall-2l --out models/list-recall-2l/dictionaries
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jinterp.saes.shipped import Spec, real_lengths, right_padded
+
+
+def rows(batch: int):
+    """rng -> (tokens [batch, 24], attention_mask, loss_mask [batch, 23]): the recipe's training rows,
+    right-padded, and the predictions it trains (answer and EOS)."""
+    from experiments.data import laundry
+    from jinterp.train import organisms
+
+    r = organisms.recipe("list-recall-2l")
+    t, v = r.task(), r.vocab()
+
+    def draw(rng):
+        tokens, weights = laundry.training_batch(t, v, rng, batch, r.N_CTX, r.N_RANGE)
+        return (*right_padded(tokens, real_lengths(weights)), weights > 0)
+
+    return draw
+
+
+def batches(batch: int):
+    """rng -> (tokens, attention_mask), the training rows."""
+    draw = rows(batch)
+    return lambda rng: draw(rng)[:2]
+
+
+def held_out():
+    """The held-out rows metrics.json was computed on: 256 from default_rng(12345)."""
+    return rows(256)(np.random.default_rng(12345))
+
+
+SPEC = Spec(
+    organism="list-recall-2l",
+    batches=batches,
+    held_out=held_out,
+    settings=dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256, l1=0.5,
+                  steps=3000, lr=1e-3, batch=128, dead_window=200),
+    held_out_info=dict(seed=12345, rows=256, generator="laundry.training_batch(task, vocab, rng, rows, N_CTX, "
+                       "N_RANGE), right-padded; mask from the last weighted prediction (the EOS)",
+                       note="each row's BOS and its padding are left out of every metric and never spliced; the "
+                       "CE numbers are on the answer and EOS predictions (the organism is trained on nothing else)"),
+)
