@@ -5,8 +5,9 @@ the circuit for Colored Objects ("On the table, there is a red pen, a blue cup, 
 What color is the cup?" -> " blue"; here the question ends at the object, without "?") share 78% of their in-circuit heads at a top-2% importance
 threshold, and that making four heads behave as they do in IOI (the inhibition heads and a
 negative mover, their attention set onto the incorrect colours) lifts Colored-Objects accuracy
-from 49.6% to 93.7%. Here, on the ioi-cobjs-4l organism by default (trained on both tasks, Colored
-Objects only partly learned), or any model whose tokenizer has the words (GPT-2 medium by path):
+from 49.6% to 93.7%. Here, on the ioi-cobjs-4l organism by default (trained on both tasks and an
+auxiliary induction task; it does both, Colored Objects near 100%, so the intervention has no room),
+or any model whose tokenizer has the words (GPT-2 medium by path; prompts in `co_template()`):
 
 1. Tasks. IOI (experiments/data/ioi.py) with the paper's corruption: S2 replaced by IO, so the
    other name is the repeated one; answer pair (IO, S). Colored Objects
@@ -58,7 +59,6 @@ PAPER = dict(overlap=0.78, top_fraction=0.02, acc_before=0.496, acc_inhibition=0
              movers=("15.14", "16.15", "17.4", "18.5", "19.15"))
 THRESHOLD = 10.0  # % of the clean-to-corrupt LD change: a head "is" a mover / inhibition head at this importance
 K_TABLE = (1, 2, 3, 4)
-CO_TEMPLATE = co.TEMPLATE_AT_END  # the question ends at the queried object (the organism's training format)
 MIN_LD_CHANGE = 0.5  # a task whose corruption moves LD less than this gives no importance signal
 
 
@@ -70,15 +70,26 @@ def _is_gpt2_medium(cfg) -> bool:
     return cfg.family == "gpt2" and (cfg.n_layers, cfg.n_heads, cfg.d_model) == (24, 16, 1024)
 
 
-def co_generator(tokenizer):
-    """The Colored-Objects generator for this tokenizer; colours/objects that split are dropped (and listed)."""
+def co_template() -> str:
+    """The Colored-Objects prompt format: the one the organism is trained on, its recipe's CO_TEMPLATE
+    (colour before object as in the paper, the question ending at the queried object); used for
+    every model, GPT-2 medium by path too."""
+    from jinterp.train import organisms
+
+    return organisms.recipe(ORGANISM).CO_TEMPLATE
+
+
+def co_generator(tokenizer, template: str | None = None):
+    """The Colored-Objects generator for this tokenizer (template: default `co_template()`);
+    colours/objects that split are dropped (and listed)."""
     if tokenizer is None:
         raise ValueError("circuit-reuse needs a model with a tokenizer (the prompts are built from words)")
+    template = co_template() if template is None else template
     try:
-        return co.ColoredObjectsGenerator(tokenizer, template=CO_TEMPLATE), []
+        return co.ColoredObjectsGenerator(tokenizer, template=template), []
     except co.SplitWordError as e:
         bad = set(e.words)
-        return co.ColoredObjectsGenerator(tokenizer, colors=[w for w in co.COLORS if w not in bad], template=CO_TEMPLATE,
+        return co.ColoredObjectsGenerator(tokenizer, colors=[w for w in co.COLORS if w not in bad], template=template,
                                           objects=[w for w in co.OBJECTS if w not in bad]), sorted(bad)
 
 
@@ -291,7 +302,8 @@ def run(model, report, *, batch=None, seed=0, quick=False):
     report.claim("Colored Objects is partly solved before the intervention", PAPER["acc_before"], round(b0, 3),
                  1 / 3 + 0.1 <= b0 < 0.95, "multiple-choice accuracy (chance 1/3); holds if at least 10 points above chance "
                  "and below 95% (a behaviour to analyse, and room for the intervention)"
-                 + ("; at chance the model does not do the task, so it has no Colored-Objects circuit" if b0 < 1 / 3 + 0.1 else ""))
+                 + ("; at chance the model does not do the task, so it has no Colored-Objects circuit" if b0 < 1 / 3 + 0.1 else "")
+                 + ("; at the ceiling the model solves the task, so no intervention can raise its accuracy" if b0 >= 0.95 else ""))
     for c, key in (("inhibition heads", "acc_inhibition"), ("negative movers", "acc_negative"), ("both", "acc_both")):
         if c not in acc:
             missing = " or ".join(w for w, hs in (("inhibition heads", inh), ("negative movers", neg)) if not hs)

@@ -95,8 +95,28 @@ def test_organism_card_matches_the_model(recipe, model):
     got = recipe.evaluate(model.params, model.cfg)
     for k, v in card["metrics"].items():
         assert got[k] == pytest.approx(v, rel=1e-3, abs=3e-3), k
-    # the bundled weights learned IOI but not Colored Objects (chance is 1/3; see the card)
-    assert got["ioi_io_over_s"] > 0.95 and got["co_top1"] > 0.25
+    # the bundled weights do both tasks (Colored Objects: chance is 1/3; see the card)
+    assert got["ioi_io_over_s"] > 0.95 and got["co_accuracy"] > 0.9 and got["co_top1"] > 0.9
+
+
+def test_training_rows(recipe):
+    """The recipe's batch: IOI, Colored-Objects and induction rows in the stated shares; the answer
+    after END with weight 1; induction rows repeat a segment, weighted (INDUCTION_WEIGHT) on the repeats only."""
+    gens = recipe.generators()
+    t, w = recipe.training_batch(gens, np.random.default_rng(0), 64, co_share=0.25, induction_share=0.25)
+    P = w.shape[1]
+    assert t.shape == (64, P + 1) and (t[:, 0] == 0).all()
+    table = gens[1].tokenizer.convert_tokens_to_ids("table")  # only Colored-Objects rows (or induction by chance) have it
+    is_co = (t[:48] == table).any(1)
+    assert is_co[32:48].all() and not is_co[:32].any()
+    assert ((w[:48] == 1).sum(1) == 1).all()  # one answer per task row
+    for i in range(48, 64):  # induction: every weighted next token equals the token one period earlier
+        pos = np.flatnonzero(w[i]) + 1
+        assert len(pos) >= P // 3
+        period = next(s for s in range(3, 10) if (t[i, pos] == t[i, pos - s]).all())
+        assert pos[0] - period >= 1 and set(np.unique(w[i]).tolist()) == {0.0, np.float32(recipe.INDUCTION_WEIGHT)}
+    with pytest.raises(ValueError, match="co_share and induction_share"):
+        recipe.training_batch(gens, np.random.default_rng(0), 8, co_share=0.8, induction_share=0.3)
 
 
 # ---------------------------------------------------------------- path patching frozen at one position
@@ -130,23 +150,33 @@ def naive_position_path_patching(m, orig, new, metric, receivers, sender_pos, re
 
 
 def test_position_freezing_matches_a_naive_loop(model):
+    """Senders at IO (the new prompt has another name there), receivers at S2: in this organism the
+    heads at END do not read S2's change through any head at END (IOI's LD change flows through the
+    S2 token itself), so the receivers sit at S2, where 3.3's key and value change by up to ~0.004."""
     T = CR.tasks(model, 6, 3)
     t = T["IOI"]
+    b, r = t["batch"], np.arange(6)
+    new = t["tokens"].copy()
+    new[r, b.io] = np.roll(t["answers"][:, 0], 1)  # another row's IO: a third name here
+    assert (new[r, b.io] != t["answers"][:, 0]).all() and (new[r, b.io] != t["answers"][:, 1]).all()
     metric = metrics.logit_diff(t["answers"], pos=t["end"])
-    s2, end = t["dup"][:, None], t["end"][:, None]
-    rec = [(2, 1, "q"), (3, 0, "v"), (1, 2, "k")]
-    kw = dict(sender_pos=s2, receiver_pos=end, progress=False)
+    io, s2 = b.io[:, None], t["dup"][:, None]
+    rec = [(3, 3, "k"), (3, 3, "v"), (2, 1, "q")]
+    kw = dict(sender_pos=io, receiver_pos=s2, progress=False)
     sel = tuple(np.array(SENDERS).T)
-    got = np.asarray(patching.path_patching(model, t["tokens"], t["corrupted"], metric, rec, freeze="position", **kw).values)
-    want = naive_position_path_patching(model, t["tokens"], t["corrupted"], metric, rec, s2, end)
+    got = np.asarray(patching.path_patching(model, t["tokens"], new, metric, rec, freeze="position", **kw).values)
+    want = naive_position_path_patching(model, t["tokens"], new, metric, rec, io, s2)
     np.testing.assert_allclose(got[sel], want[sel], atol=2e-4)
-    # heads after S2 recompute here, so this differs from freezing every position
-    every = np.asarray(patching.path_patching(model, t["tokens"], t["corrupted"], metric, rec, **kw).values)
+    # heads after IO recompute here, so this differs from freezing every position
+    every = np.asarray(patching.path_patching(model, t["tokens"], new, metric, rec, **kw).values)
     assert np.abs(every[sel] - want[sel]).max() > 1e-3  # (the match above is to 2e-4)
+    end = t["end"][:, None]
+    kw = dict(sender_pos=s2, receiver_pos=end, progress=False)
     got = np.asarray(patching.path_patching(model, t["tokens"], t["corrupted"], metric, "resid", freeze="position",
                                             freeze_mlps=True, **kw).values)
     want = naive_position_path_patching(model, t["tokens"], t["corrupted"], metric, "resid", s2, end, mlps=True)
     np.testing.assert_allclose(got[sel], want[sel], atol=2e-4)
+    assert np.ptp(want[sel]) > 0.1  # the senders at S2 do move the LD here
     with pytest.raises(patching.PatchingError, match="pass sender_pos"):
         patching.path_patching(model, t["tokens"], t["corrupted"], metric, "resid", freeze="position")
     with pytest.raises(patching.PatchingError, match="freeze must be 'all'"):
@@ -180,7 +210,9 @@ def test_quick_report(report):
 def test_intervention_recomputed_with_hf_torch(report, model):
     """The intervention accuracy, recomputed with HF GPT-2: a hook on c_attn keeps the values, and a
     pre-hook on c_proj replaces each intervened head's output at END with the mean of its values
-    at the two incorrect colours (what attention 1/2 on each gives)."""
+    at the two incorrect colours (what attention 1/2 on each gives). Every row of the report, and
+    the same edit on the Colored-Objects movers (the organism's IOI analysis finds no inhibition
+    head or negative mover, so the report's only row is the baseline)."""
     import pandas as pd
     from transformers import GPT2LMHeadModel
 
@@ -195,9 +227,8 @@ def test_intervention_recomputed_with_hf_torch(report, model):
     r = np.arange(len(ev))
     wrong = torch.tensor(ev.distractor_pos())
     end = torch.tensor(ev.end)
-    checked = 0
-    for row in rows.itertuples():
-        heads = [tuple(map(int, s.split("."))) for s in str(row.heads).split()] if row.condition != "baseline" else []
+
+    def hf_accuracy(heads):
         store, hooks = {}, []
         for l in {l for l, _ in heads}:
             hs = [h for ll, h in heads if ll == l]
@@ -221,6 +252,17 @@ def test_intervention_recomputed_with_hf_torch(report, model):
         opts = np.take_along_axis(lg, ev.choices, 1)
         top2 = np.sort(opts, 1)[:, -2:]
         ties = int((top2[:, 1] - top2[:, 0] < 1e-4).sum())
-        assert row.accuracy == pytest.approx(co.accuracy(lg, ev).mean(), abs=ties / len(ev) + 1e-9), row.condition
+        return co.accuracy(lg, ev).mean(), ties / len(ev) + 1e-9
+
+    checked = 0
+    for row in rows.itertuples():
+        heads = [tuple(map(int, s.split("."))) for s in str(row.heads).split()] if row.condition != "baseline" else []
+        want, tol = hf_accuracy(heads)
+        assert row.accuracy == pytest.approx(want, abs=tol), row.condition
         checked += 1
     assert checked == len(rows) >= 1
+    movers = [tuple(map(int, h.split("."))) for h in doc["numbers"]["CO_movers"]]
+    assert movers
+    got = CR.co_accuracy(model, ev, CR.attend_to_wrong_colours(movers, ev)).mean()
+    want, tol = hf_accuracy(movers)
+    assert got == pytest.approx(want, abs=tol) and got < 0.5  # the movers read the wrong colours: accuracy falls
