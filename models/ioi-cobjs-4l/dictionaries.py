@@ -1,0 +1,51 @@
+"""ioi-cobjs-4l's dictionaries: per-layer transcoders trained on the organism's own training rows.
+
+`transcoders/`: one ReLU transcoder per layer (4) reading `blocks.{l}.mlp.hook_in` (the MLP's
+input) and predicting `blocks.{l}.hook_mlp_out`, trained with `jinterp.saes.train.fit` (all layers
+vmapped in one program) on the training distribution (`recipe.training_batch`: IOI prompts,
+Colored-Objects prompts and the auxiliary induction rows in the recipe's shares, right-padded).
+Rows have different lengths, so batches carry an attention mask and padding is left out of
+training and of every metric. Trained, evaluated and saved (circuit-tracer format + metrics.json)
+by `jinterp.saes.shipped`.
+
+Retrain (writes DIR/transcoders; refuses a non-empty one):
+
+    jinterp train-dictionaries ioi-cobjs-4l --out models/ioi-cobjs-4l/dictionaries
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jinterp.saes.shipped import Spec, real_lengths, right_padded
+
+
+def batches(batch: int):
+    """rng -> (tokens, attention_mask): the recipe's training rows, right-padded."""
+    from jinterp.train import organisms
+
+    r = organisms.recipe("ioi-cobjs-4l")
+    gens = r.generators()
+
+    def draw(rng):
+        tokens, weights = r.training_batch(gens, rng, batch)
+        return right_padded(tokens, real_lengths(weights))
+
+    return draw
+
+
+def held_out():
+    """The held-out rows metrics.json was computed on: 256 from default_rng(12345)."""
+    return batches(256)(np.random.default_rng(12345))
+
+
+SPEC = Spec(
+    organism="ioi-cobjs-4l",
+    batches=batches,
+    held_out=held_out,
+    settings=dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256, l1=0.5,
+                  steps=3000, lr=1e-3, batch=128, dead_window=200),
+    held_out_info=dict(seed=12345, rows=256, generator="recipe.training_batch(recipe.generators(), rng, rows): "
+                       "IOI, Colored Objects and induction rows, right-padded; mask from the last weighted prediction",
+                       note="each row's BOS and its padding are left out of every metric and never spliced"),
+)
