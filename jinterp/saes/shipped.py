@@ -10,7 +10,8 @@ saves and loads them, the same way for every organism.
 A saved set is circuit-tracer's per-layer transcoder files (config.yaml + layer_{l}.safetensors)
 and metrics.json: the held-out metrics per layer (`jinterp.saes.evaluate.evaluate`), the held-out
 rows, the training settings and time, and a short training history. Padded organisms give
-(tokens, attention_mask) batches; `right_padded` builds them.
+(tokens, attention_mask) batches; `weighted_rows` builds them (and the held-out rows) from the
+recipe's loss-weighted training rows.
 """
 
 from __future__ import annotations
@@ -74,6 +75,36 @@ def real_lengths(weights) -> np.ndarray:
     if not w.any(1).all():
         raise ValueError("a row has no weighted prediction, so its length is unknown")
     return w.shape[1] - np.argmax(w[:, ::-1], 1) + 1
+
+
+def weighted_rows(rows, *, padded: bool, answers_only: bool, held_out_rows: int, seed: int = 12345):
+    """(batches, held_out) for a Spec, from the organism's loss-weighted training rows: rows(batch) ->
+    (rng -> (tokens [B, P], weights [B, P-1])). padded: rows end before P, so batches carry the
+    attention mask `real_lengths` gives (tokens alone otherwise). answers_only: the held-out CE counts
+    only the weighted predictions (an organism trained on its answers alone). The held-out rows are
+    rows(held_out_rows) drawn from default_rng(seed)."""
+
+    def shaped(batch):
+        draw = rows(batch)
+
+        def one(rng):
+            tokens, weights = draw(rng)
+            mask = right_padded(tokens, real_lengths(weights))[1] if padded else None
+            return (tokens if mask is None else (tokens, mask)), np.asarray(weights) > 0
+
+        return one
+
+    def batches(batch):
+        one = shaped(batch)
+        return lambda rng: one(rng)[0]
+
+    def held_out():
+        x, loss = shaped(held_out_rows)(np.random.default_rng(seed))
+        if not answers_only:
+            return x
+        return (*x, loss) if padded else (x, None, loss)
+
+    return batches, held_out
 
 
 def available() -> list[str]:

@@ -14,29 +14,19 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-import numpy as np
-
-from jinterp.saes.shipped import Spec, real_lengths, right_padded
+from jinterp.saes.shipped import Spec, weighted_rows
 
 
-def batches(batch: int):
-    """rng -> (tokens [batch, 23], attention_mask): prompts with their answer, right-padded."""
+def rows(batch: int):
+    """rng -> (tokens [batch, 23], loss weights): IOI prompts with their answer (recipe.training_batch)."""
     from jinterp.train import organisms
 
     r = organisms.recipe("ioi-4l")
     gen = r.generator()
-
-    def draw(rng):
-        tokens, weights = r.training_batch(gen, rng, batch)
-        return right_padded(tokens, real_lengths(weights))
-
-    return draw
+    return lambda rng: r.training_batch(gen, rng, batch)
 
 
-def held_out():
-    """The held-out rows metrics.json was computed on: 256 from default_rng(12345)."""
-    return batches(256)(np.random.default_rng(12345))
-
+batches, held_out = weighted_rows(rows, padded=True, answers_only=False, held_out_rows=256)
 
 SPEC = Spec(
     organism="ioi-4l",

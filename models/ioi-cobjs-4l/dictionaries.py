@@ -15,29 +15,19 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-import numpy as np
-
-from jinterp.saes.shipped import Spec, real_lengths, right_padded
+from jinterp.saes.shipped import Spec, weighted_rows
 
 
-def batches(batch: int):
-    """rng -> (tokens, attention_mask): the recipe's training rows, right-padded."""
+def rows(batch: int):
+    """rng -> (tokens, loss weights): the recipe's IOI, Colored-Objects and induction rows."""
     from jinterp.train import organisms
 
     r = organisms.recipe("ioi-cobjs-4l")
     gens = r.generators()
-
-    def draw(rng):
-        tokens, weights = r.training_batch(gens, rng, batch)
-        return right_padded(tokens, real_lengths(weights))
-
-    return draw
+    return lambda rng: r.training_batch(gens, rng, batch)
 
 
-def held_out():
-    """The held-out rows metrics.json was computed on: 256 from default_rng(12345)."""
-    return batches(256)(np.random.default_rng(12345))
-
+batches, held_out = weighted_rows(rows, padded=True, answers_only=False, held_out_rows=256)
 
 SPEC = Spec(
     organism="ioi-cobjs-4l",

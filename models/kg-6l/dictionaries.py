@@ -14,37 +14,20 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-import numpy as np
-
-from jinterp.saes.shipped import Spec, real_lengths, right_padded
+from jinterp.saes.shipped import Spec, weighted_rows
 
 
 def rows(batch: int):
-    """rng -> (tokens [batch, 16], attention_mask, loss_mask [batch, 15]): the recipe's training rows,
-    right-padded, and the predictions it trains (answer and EOS)."""
+    """rng -> (tokens [batch, 16], loss weights on the answer and EOS): the recipe's training rows."""
     from experiments.data import kg
     from jinterp.train import organisms
 
     r = organisms.recipe("kg-6l")
     g, v = r.graph(), r.vocab()
-
-    def draw(rng):
-        tokens, weights = kg.training_batch(g, v, rng, batch, r.N_CTX, r.MIX, r.CONTEXT_MIX)
-        return (*right_padded(tokens, real_lengths(weights)), weights > 0)
-
-    return draw
+    return lambda rng: kg.training_batch(g, v, rng, batch, r.N_CTX, r.MIX, r.CONTEXT_MIX)
 
 
-def batches(batch: int):
-    """rng -> (tokens, attention_mask), the training rows."""
-    draw = rows(batch)
-    return lambda rng: draw(rng)[:2]
-
-
-def held_out():
-    """The held-out rows metrics.json was computed on: 512 from default_rng(12345)."""
-    return rows(512)(np.random.default_rng(12345))
-
+batches, held_out = weighted_rows(rows, padded=True, answers_only=True, held_out_rows=512)
 
 SPEC = Spec(
     organism="kg-6l",

@@ -14,37 +14,20 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-import numpy as np
-
-from jinterp.saes.shipped import Spec, real_lengths, right_padded
+from jinterp.saes.shipped import Spec, weighted_rows
 
 
 def rows(batch: int):
-    """rng -> (tokens [batch, 24], attention_mask, loss_mask [batch, 23]): the recipe's training rows,
-    right-padded, and the predictions it trains (answer and EOS)."""
+    """rng -> (tokens [batch, 24], loss weights on the answer and EOS): the recipe's training rows."""
     from experiments.data import laundry
     from jinterp.train import organisms
 
     r = organisms.recipe("list-recall-2l")
     t, v = r.task(), r.vocab()
-
-    def draw(rng):
-        tokens, weights = laundry.training_batch(t, v, rng, batch, r.N_CTX, r.N_RANGE)
-        return (*right_padded(tokens, real_lengths(weights)), weights > 0)
-
-    return draw
+    return lambda rng: laundry.training_batch(t, v, rng, batch, r.N_CTX, r.N_RANGE)
 
 
-def batches(batch: int):
-    """rng -> (tokens, attention_mask), the training rows."""
-    draw = rows(batch)
-    return lambda rng: draw(rng)[:2]
-
-
-def held_out():
-    """The held-out rows metrics.json was computed on: 256 from default_rng(12345)."""
-    return rows(256)(np.random.default_rng(12345))
-
+batches, held_out = weighted_rows(rows, padded=True, answers_only=True, held_out_rows=256)
 
 SPEC = Spec(
     organism="list-recall-2l",

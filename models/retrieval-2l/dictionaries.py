@@ -14,29 +14,19 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-import numpy as np
-
-from jinterp.saes.shipped import Spec
+from jinterp.saes.shipped import Spec, weighted_rows
 
 
-def batches(batch: int):
-    """rng -> tokens [batch, 256] from the recipe's phase-2 mixture (weights dropped: every token is real)."""
+def rows(batch: int):
+    """rng -> (tokens [batch, 256], loss weights): the recipe's phase-2 mixture (every token is real)."""
     from jinterp.train import organisms
 
     r = organisms.recipe("retrieval-2l")
-    draw = r.batches(r.vocab(), batch, r.N_CTX, 0.5)
-    return lambda rng: draw(rng)[0]
+    return r.batches(r.vocab(), batch, r.N_CTX, 0.5)
 
 
-def held_out():
-    """The held-out rows metrics.json was computed on: 64 x 256 tokens from default_rng(12345), and the
-    predictions the organism is trained on (needle answers, repeats in copying rows): the CE numbers'."""
-    from jinterp.train import organisms
-
-    r = organisms.recipe("retrieval-2l")
-    tokens, weights = r.batches(r.vocab(), 64, r.N_CTX, 0.5)(np.random.default_rng(12345))
-    return tokens, None, weights > 0
-
+# the CE numbers count the predictions the organism is trained on (needle answers, copying-row repeats)
+batches, held_out = weighted_rows(rows, padded=False, answers_only=True, held_out_rows=64)
 
 SPEC = Spec(
     organism="retrieval-2l",
