@@ -26,6 +26,9 @@ from typing import Any, Callable
 import numpy as np
 
 FIT_KEYS = ("site", "transcoder_out", "architecture", "d_sae", "l1", "dead_window")
+# the settings every shipped set uses (a spec adds its batch): per-layer ReLU transcoders, MLP in -> out
+TRANSCODERS = dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256, l1=0.5,
+                   steps=3000, lr=1e-3, dead_window=200)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jinterp.saes.shipped import Spec
+from jinterp.saes.shipped import TRANSCODERS, Spec
 
 
 def _recipe():
@@ -41,8 +41,7 @@ SPEC = Spec(
     batches=batches,
     held_out=held_out_tokens,
     # the shipped run: seed 0 and these settings (activations normalised to |x| ~ sqrt(d_model) in training)
-    settings=dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256, l1=0.5,
-                  steps=3000, lr=1e-3, batch=64, dead_window=200),
+    settings=dict(TRANSCODERS, batch=64),
     held_out_info=dict(seed=12345, rows=256, generator="recipe.induction_batch(rng, rows, 20, VOCAB_SIZE, 4, 8)",
                        note="position 0 (BOS) is left out of every metric and never spliced"),
 )

@@ -14,7 +14,7 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-from jinterp.saes.shipped import Spec, weighted_rows
+from jinterp.saes.shipped import TRANSCODERS, Spec, weighted_rows
 
 
 def rows(batch: int):
@@ -33,8 +33,7 @@ SPEC = Spec(
     organism="list-recall-2l",
     batches=batches,
     held_out=held_out,
-    settings=dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256, l1=0.5,
-                  steps=3000, lr=1e-3, batch=128, dead_window=200),
+    settings=dict(TRANSCODERS, batch=128),
     held_out_info=dict(seed=12345, rows=256, generator="laundry.training_batch(task, vocab, rng, rows, N_CTX, "
                        "N_RANGE), right-padded; mask from the last weighted prediction (the EOS)",
                        note="each row's BOS and its padding are left out of every metric and never spliced; the "

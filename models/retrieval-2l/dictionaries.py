@@ -14,7 +14,7 @@ Retrain (writes DIR/transcoders; refuses a non-empty one):
 
 from __future__ import annotations
 
-from jinterp.saes.shipped import Spec, weighted_rows
+from jinterp.saes.shipped import TRANSCODERS, Spec, weighted_rows
 
 
 def rows(batch: int):
@@ -32,8 +32,7 @@ SPEC = Spec(
     organism="retrieval-2l",
     batches=batches,
     held_out=held_out,
-    settings=dict(site="mlp.hook_in", transcoder_out="hook_mlp_out", architecture="relu", d_sae=256, l1=0.5,
-                  steps=3000, lr=1e-3, batch=12, dead_window=200),
+    settings=dict(TRANSCODERS, batch=12),
     held_out_info=dict(seed=12345, rows=64, generator="recipe.batches(vocab, rows, 256, 0.5) (phase-2 mixture)",
                        note="position 0 (BOS) is left out of every metric and never spliced; the CE numbers are "
                        "on the predictions the organism is trained on (needle answers, copying-row repeats)"),
