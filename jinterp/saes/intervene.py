@@ -129,10 +129,10 @@ def _cross_layer(model, tc, toks, rows, edits, keep_error) -> list:
         else:
             for layer, pos, feature, v in rows:
                 f[:, pos, layer, feature] = v
-            y = np.asarray(tc.decode(f))
+            y = np.array(tc.decode(f))  # an owned copy, not a view of a jax buffer
             if tc.W_skip is not None:
                 y = y + np.einsum("bpld,lde->bple", x, np.asarray(tc.W_skip, np.float32))
-            value = np.moveaxis(y, 2, 0)
+            value = np.ascontiguousarray(np.moveaxis(y, 2, 0))
     return spliced(value)
 
 
