@@ -12,13 +12,14 @@ a position (the sweep engine's "compute only what changes").
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import custom_batching, lax
 
 from jinterp.arch import moe
 from jinterp.config import Config, rope_attention_factor, rope_inv_freq
@@ -45,6 +46,10 @@ class Ctx:
         self.windows = jnp.asarray(cfg.layer_windows)
         self.prec = lax.Precision.HIGHEST if cfg.matmul_precision == "highest" else None
         self.seen = seen
+        # packing (arch.resume_cells): under a vmap over cells, `pack` [cells, rows] (static) marks the rows
+        # the projections compute; `live` [rows] is this cell's row of it (traced)
+        self.pack = None
+        self.live = None
 
     def wants(self, name):
         return name in self.by_site or name in self.record or self.seen is not None
@@ -60,6 +65,48 @@ class Ctx:
 
     def ein(self, spec, a, b):
         return jnp.einsum(spec, a, b, precision=self.prec)
+
+    def dense(self, spec, x, w):
+        """A projection of x [B, S, ...] by weights w: only the live rows when packing (`packed`)."""
+        if self.pack is None:
+            return self.ein(spec, x, w)
+        return packed(lambda x, w: self.ein(spec, x, w), x, w, self.pack)
+
+    def narrow(self, sel):
+        """This context for the rows `sel` (static indices) of the current ones."""
+        if sel is None or self.pack is None:
+            return self
+        out = copy.copy(self)
+        out.pack, out.live = self.pack[:, sel], self.live[sel]
+        return out
+
+
+def packed(fn, x, w, rows):
+    """fn(x, w), row by row over x's leading (batch, position) axes, called under a vmap over cells whose
+    live rows are rows [cells, positions] (static numpy bool), w unbatched (weights): the batched call
+    gathers every cell's live rows into one [rows, 1, ...] input, runs fn on it once and puts the
+    results back (other rows come out as zeros). So cells whose work starts at different positions
+    share one product of exactly the rows they need, however ragged. Unbatched it is fn(x, w)."""
+    f = custom_batching.custom_vmap(fn)
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, x, w):
+        xb, wb = in_batched[0], any(jax.tree.leaves(in_batched[1]))
+        if not (xb or wb):
+            return fn(x, w), False
+        if wb or not xb or rows.shape != (axis_size, x.shape[2]) or rows.all():
+            w_axes = jax.tree.map(lambda b: 0 if b else None, in_batched[1])
+            return jax.vmap(fn, in_axes=(0 if xb else None, w_axes))(x, w), True
+        C, B, S = x.shape[:3]
+        live = np.broadcast_to(rows[:, None, :], (C, B, S)).reshape(-1)
+        idx = np.flatnonzero(live)
+        inv = np.full(live.size, len(idx), np.int32)
+        inv[idx] = np.arange(len(idx), dtype=np.int32)
+        y = fn(x.reshape((C * B * S, 1) + x.shape[3:])[idx], w)
+        y = jnp.concatenate([y, jnp.zeros((1,) + y.shape[1:], y.dtype)])[inv]
+        return y.reshape((C, B, S) + y.shape[2:]), True
+
+    return f(x, w)
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,9 +228,10 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     B, S, _ = h.shape
     hq = h if qsel is None else h[:, qsel]
     qcols = cols if qsel is None else cols[qsel]
-    q = ctx.ein("bsd,hde->bshe", hq, p["W_Q"]) + p["b_Q"]
-    k = ctx.ein("bsd,hde->bshe", h, p["W_K"]) + p["b_K"]
-    v = ctx.ein("bsd,hde->bshe", h, p["W_V"]) + p["b_V"]
+    cq = ctx.narrow(qsel)  # the query rows' context
+    q = cq.dense("bsd,hde->bshe", hq, p["W_Q"]) + p["b_Q"]
+    k = ctx.dense("bsd,hde->bshe", h, p["W_K"]) + p["b_K"]
+    v = ctx.dense("bsd,hde->bshe", h, p["W_V"]) + p["b_V"]
     q = ctx.site("attn.hook_q", q, layer, qcols, acts)
     k = ctx.site("attn.hook_k", k, layer, cols, acts)
     v = ctx.site("attn.hook_v", v, layer, cols, acts)
@@ -198,6 +246,10 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     if kv is None:
         keys, vals, kcols = k, v, cols
     else:
+        if ctx.live is not None:  # rows left out of the projections keep the buffer's (the base run's) keys
+            live = ctx.live[None, :, None, None]
+            k = jnp.where(live, k, lax.dynamic_slice_in_dim(kv[0], cols[0], S, axis=1).astype(k.dtype))
+            v = jnp.where(live, v, lax.dynamic_slice_in_dim(kv[1], cols[0], S, axis=1).astype(v.dtype))
         keys = lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cols[0], axis=1)
         vals = lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cols[0], axis=1)
         kv = (keys, vals)
@@ -224,17 +276,17 @@ def attention(ctx: Ctx, p, h, layer, cols, qsel, kv, acts):
     pattern = jax.nn.softmax(scores.astype(F32), axis=-1).astype(q.dtype)
     pattern = ctx.site("attn.hook_pattern", pattern, layer, qcols, acts)
     z = ctx.ein("bkgqt,btkd->bqkgd", pattern.reshape(B, Hkv, G, Sq, T), vals).reshape(B, Sq, cfg.n_heads, cfg.d_head)
-    return attn_output(ctx, p, z, layer, qcols, acts), kv
+    return attn_output(cq, p, z, layer, qcols, acts), kv
 
 
 def attn_output(ctx: Ctx, p, z, layer, cols, acts):
     """z [B, S, H, dh] (site attn.hook_z) -> the attention block's output [B, S, D]."""
     z = ctx.site("attn.hook_z", z, layer, cols, acts)
     if ctx.wants("attn.hook_result"):
-        result = ctx.ein("bqhe,hed->bqhd", z, p["W_O"])
+        result = ctx.dense("bqhe,hed->bqhd", z, p["W_O"])
         result = ctx.site("attn.hook_result", result, layer, cols, acts)
         return result.sum(2) + p["b_O"]
-    return ctx.ein("bqhe,hed->bqd", z, p["W_O"]) + p["b_O"]
+    return ctx.dense("bqhe,hed->bqd", z, p["W_O"]) + p["b_O"]
 
 
 def mlp(ctx: Ctx, p, h, layer, cols, acts):
@@ -242,16 +294,20 @@ def mlp(ctx: Ctx, p, h, layer, cols, acts):
     h = ctx.site("mlp.hook_in", h, layer, cols, acts)
     if cfg.mlp == "moe":
         return moe.mlp(ctx, p, h, layer, cols, acts, activation)
+    inner = ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")
+    if ctx.pack is not None and not any(ctx.wants(n) for n in inner):  # nothing to see inside: pack it whole
+        plain = Ctx(cfg)
+        return packed(lambda h, p: mlp(plain, p, h, layer, cols, {}), h, p, ctx.pack)
     gated = cfg.mlp == "gated"
-    pre = ctx.ein("bsd,df->bsf", h, p["W_gate" if gated else "W_in"]) + p["b_gate" if gated else "b_in"]
+    pre = ctx.dense("bsd,df->bsf", h, p["W_gate" if gated else "W_in"]) + p["b_gate" if gated else "b_in"]
     pre = ctx.site("mlp.hook_pre", pre, layer, cols, acts)
     post = activation(cfg.act, pre)
     if gated:
-        lin = ctx.ein("bsd,df->bsf", h, p["W_in"]) + p["b_in"]
+        lin = ctx.dense("bsd,df->bsf", h, p["W_in"]) + p["b_in"]
         lin = ctx.site("mlp.hook_pre_linear", lin, layer, cols, acts)
         post = post * lin
     post = ctx.site("mlp.hook_post", post, layer, cols, acts)
-    return ctx.ein("bsf,fd->bsd", post, p["W_out"]) + p["b_out"]
+    return ctx.dense("bsf,fd->bsd", post, p["W_out"]) + p["b_out"]
 
 
 def block(ctx: Ctx, p, x, layer, cols, kv=None, qsel=None, z=None):
@@ -266,6 +322,7 @@ def block(ctx: Ctx, p, x, layer, cols, kv=None, qsel=None, z=None):
         if qsel is not None:
             x, cols = x[:, qsel], cols[qsel]
             h = h[:, qsel]
+            ctx = ctx.narrow(qsel)
     else:
         a = attn_output(ctx, p["attn"], z, layer, cols, acts)
         # resuming from z: the shared norm's output is recomputed (with no edit before attn.hook_z it is the same)

@@ -292,7 +292,7 @@ def _view(rows, order, P, vocab, V):
 
 
 def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tuple, first: int, s0: int = 0,
-                 positions=None, vocab=None):
+                 positions=None, vocab=None, first_pos=None):
     """Many cells' edited logit rows in one pass that grows its batch layer by layer.
 
     cells: a pytree with a leading cell axis, cells ordered by the layer their edits start at;
@@ -302,6 +302,9 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     once for the cells starting there, which enter with the base run's residual (and resume from
     its attention mixes when no edit targets an earlier site). So every cell computes exactly
     layers >= its start at positions >= s0 (static), with matrix products over all started cells.
+    first_pos: static, each cell's first changed position (>= s0): the projections and MLPs then pack
+    the rows at or after it, every cell's, into one product (decoder.packed_ein); the rows before it
+    keep the base run's keys, values and final residual. Attention still runs over every row from s0.
     Returns rows [N, B, len(order), len(vocab) or V] with order = (positions before s0) + (positions
     from s0); `cells_view` turns one cell's rows into the [B, P, V] view `resume` returns.
     """
@@ -319,38 +322,54 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     resume_z = from_attention_mixes(cfg, sites)
     take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
     part = lambda a, b: jax.tree.map(lambda v: v[a:b], cells)
-    ctx = lambda c: _resume_ctx(cfg, base, tuple(make_edits(c)))
+    # live[c, j]: cell c computes window row j (packing), or None
+    live = None if first_pos is None else np.arange(s0, P)[None] >= np.asarray(first_pos)[:, None]
 
-    def run(c, x, l, z=None):
-        kv = take(base.kv, l) if s0 > 0 and z is None else None
+    def run(c, lv, x, l, z, rows):
+        ctx = _resume_ctx(cfg, base, tuple(make_edits(c)))
+        ctx.pack, ctx.live = rows, lv
+        kv = take(base.kv, l) if (s0 > 0 or rows is not None) and z is None else None
         q = qsel if l == L - 1 else None
-        return D.block(ctx(c), take(params["blocks"], l), x, l, cols, kv, qsel=q, z=z)[0]
+        return D.block(ctx, take(params["blocks"], l), x, l, cols, kv, qsel=q, z=z)[0]
+
+    def vrun(a, b, l, x, z=None):
+        """Block l for cells a..b; x: their residuals [b - a, ...], or None: the base run's (shared)."""
+        rows = None if live is None else live[a:b]
+        lv = None if rows is None else jnp.asarray(rows)
+        base_x = base.resid_pre[l][:, s0:]
+        f = lambda c, lv, x: run(c, lv, base_x if x is None else x, l, z, rows)
+        return jax.vmap(f, in_axes=(0, None if lv is None else 0, None if x is None else 0))(part(a, b), lv, x)
 
     x, n = None, 0
     for l in (range(first, L) if inside else ()):
         k = counts[l - first]
-        x0 = base.resid_pre[l][:, s0:]
         if k and resume_z and l < L - 1:  # cells starting at l resume from the base run's attention mixes
-            z = base.z[l][:, s0:]
-            new = jax.vmap(lambda c: run(c, x0, l, z))(part(n, n + k))
-            x = new if not n else jnp.concatenate([jax.vmap(lambda c, x: run(c, x, l))(part(0, n), x), new])
+            new = vrun(n, n + k, l, None, z=base.z[l][:, s0:])
+            x = new if not n else jnp.concatenate([vrun(0, n, l, x), new])
         else:  # one block for every started cell; those starting at l enter with the base residual
             if k:
+                x0 = base.resid_pre[l][:, s0:]
                 x_new = jnp.broadcast_to(x0, (k,) + x0.shape)
                 x = x_new if not n else jnp.concatenate([x, x_new])
-            x = jax.vmap(lambda c, x: run(c, x, l))(part(0, n + k), x) if n + k else x
+            x = vrun(0, n + k, l, x) if n + k else x
         n += k
 
-    def read(c, x):
+    def read(c, x, lv):
+        ctx = _resume_ctx(cfg, base, tuple(make_edits(c)))
         parts = []
         if before:
             idx = np.asarray(before, np.int32)
-            parts.append(D.final(ctx(c), params, base.resid_final[:, idx], jnp.asarray(idx), {}, vocab=vocab))
+            parts.append(D.final(ctx, params, base.resid_final[:, idx], jnp.asarray(idx), {}, vocab=vocab))
         if inside:
-            parts.append(D.final(ctx(c), params, x, jnp.asarray(inside, np.int32), {}, vocab=vocab))
+            if lv is not None:  # rows no projection computed: the base run's final residual
+                x = jnp.where(lv[None, :, None], x, base.resid_final[:, np.asarray(inside)])
+            parts.append(D.final(ctx, params, x, jnp.asarray(inside, np.int32), {}, vocab=vocab))
         return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
-    return jax.vmap(read)(cells, x) if inside else jax.vmap(lambda c: read(c, None))(cells)
+    if not inside:
+        return jax.vmap(lambda c: read(c, None, None))(cells)
+    lv = None if live is None else jnp.asarray(live[:, np.asarray(inside) - s0])
+    return jax.vmap(read, in_axes=(0, 0, None if lv is None else 0))(cells, x, lv)
 
 
 def cells_view(rows, cfg: Config, P: int, s0: int, positions=None, vocab=None):

@@ -35,6 +35,7 @@ import numpy as np
 from jinterp import arch
 from jinterp import metrics as M
 from jinterp.distributed import to_host
+from jinterp.engine.flops import packed_waste
 from jinterp.engine.plan import bytes_per_cell, chunk_budget, plan
 from jinterp.engine.stairs import small_groups, stair_plan
 from jinterp.engine.store import SweepStore, signature
@@ -194,10 +195,12 @@ def _probe(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "counts",
-                                             "first", "mesh"))
-def _run_stairs(params, base, cells, data, *, cfg, cell_fn, metric, s0, positions, vocab, counts, first, mesh=None):
+                                             "first", "mesh", "first_pos"))
+def _run_stairs(params, base, cells, data, *, cfg, cell_fn, metric, s0, positions, vocab, counts, first, mesh=None,
+                first_pos=None):
     """One staircase chunk: collect every cell's edits, run them through arch.resume_cells (cells
-    ordered by start layer, `counts` per layer), and give each cell function its logits back."""
+    ordered by start layer, `counts` per layer; first_pos: each cell's first position, to pack their
+    rows), and give each cell function its logits back."""
 
     def body(params, base, cells, data):
         args = (params, cfg, base, jnp.int32(first), s0, positions, metric, vocab)
@@ -207,7 +210,7 @@ def _run_stairs(params, base, cells, data, *, cfg, cell_fn, metric, s0, position
             cell_fn(c, data, r)
             return r.edits
 
-        rows = arch.resume_cells(params, cfg, base, make_edits, cells, counts, first, s0, positions, vocab)
+        rows = arch.resume_cells(params, cfg, base, make_edits, cells, counts, first, s0, positions, vocab, first_pos)
         P = base.tokens.shape[1]
         view = lambda r: arch.cells_view(r, cfg, P, s0, positions, vocab)
         return jax.vmap(lambda c, r: cell_fn(c, data, _Replay(view(r), *args)))(cells, rows)
@@ -274,6 +277,7 @@ def sweep(
     metric_positions="auto",
     buckets: bool = True,
     stairs: bool | str = "auto",
+    pack: bool = True,
     unchanged_prefix: int = 0,
     chunk_size: int | None = None,
     memory_budget: float | None = None,
@@ -300,6 +304,8 @@ def sweep(
     stairs: run each chunk as a staircase (engine/stairs.py: one pass whose batch grows layer by
     layer; needs a cell function that asks for logits once); False: one program call per first
     layer; "auto": a staircase when those calls' matrix products would be small (stairs.small_groups).
+    pack: a staircase on one device packs the rows its cells re-run into one product per projection,
+    each cell's from its own first position (arch.resume_cells), so position buckets only save attention.
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device), for
     a model held whole on every device. A model loaded with jinterp.load(..., mesh=) needs none: its
     sweeps run on its own mesh.
@@ -359,24 +365,29 @@ def sweep(
     if stairs == "auto":
         stairs = small_groups(fl, fc, todo, P=P, batch=B, buckets=buckets, unchanged_prefix=unchanged_prefix)
     stairs = bool(stairs) and fits and len(todo) > 0
+    first_pos = np.maximum(fc, unchanged_prefix)
+    pack = stairs and pack and mesh is None and cfg.mlp != "moe"  # (moe: its experts are not packed)
     if stairs:
         n_pos, n_voc = len(positions or range(P)), len(vocab or range(cfg.d_vocab))
         budget = chunk_budget() if memory_budget is None else memory_budget
         cap = chunk_size or max(1, int(budget // bytes_per_cell(cfg, B, P, P, n_pos, n_voc, itemsize)))
         chunks = stair_plan(fl, fc, todo, P=P, n_layers=cfg.n_layers, cap=cap, n_devices=n_dev, batch=B,
-                            buckets=buckets, unchanged_prefix=unchanged_prefix)
+                            buckets=buckets, unchanged_prefix=unchanged_prefix,
+                            waste=packed_waste(cfg, P) if pack else 1.0)
     else:
         chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab, itemsize=itemsize,
                       buckets=buckets, unchanged_prefix=unchanged_prefix, chunk_size=chunk_size,
                       memory_budget=memory_budget, n_devices=n_dev)
+    packed = lambda ch: tuple(int(p) for p in first_pos[ch.order]) if pack else None
 
     if stats is not None:  # what engine/flops.py needs to count the work
         stats.update(from_z=bool(sites) and arch.from_attention_mixes(cfg, sites), batch=B, P=P, positions=positions,
                      n_vocab=len(vocab or range(cfg.d_vocab)), stairs=stairs,
-                     first_layer=fl[todo], first_pos=np.maximum(fc, unchanged_prefix)[todo], chunks=[
+                     first_layer=fl[todo], first_pos=first_pos[todo], chunks=[
                          dict(s0=ch.s0,
                               starts=[(ch.first + i, k * n_dev) for i, k in enumerate(ch.counts)] if stairs
-                              else [(ch.layer, ch.size)]) for ch in chunks])
+                              else [(ch.layer, ch.size)],
+                              packed=packed(ch) if stairs else None) for ch in chunks])
 
     bar = None
     if progress and len(chunks) > 1 and jax.process_index() == 0:  # one bar, in process 0
@@ -389,9 +400,10 @@ def sweep(
         if stairs:
             chunk = {k: v[ch.order] for k, v in cells.items()}
             args = (model.params, base, chunk, data)
-            out = _run_stairs(*args, counts=ch.counts, first=ch.first, **static)
+            static.update(counts=ch.counts, first=ch.first, first_pos=packed(ch))
+            out = _run_stairs(*args, **static)
             if stats is not None:  # XLA's own count (a staircase has no loops, so its count is exact)
-                cost = _run_stairs.lower(*args, counts=ch.counts, first=ch.first, **static).compile().cost_analysis()
+                cost = _run_stairs.lower(*args, **static).compile().cost_analysis()
                 stats.setdefault("xla_flops", []).append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
             return ch.cells, out, np.nonzero(ch.real)[0]
         pad = np.concatenate([ch.cells, np.repeat(ch.cells[:1], ch.size - len(ch.cells))])

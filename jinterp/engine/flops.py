@@ -41,6 +41,13 @@ def _block(cfg, q_rows, kv_rows, pairs, from_z=False, sparse=False):
     return q_rows * (2 * qo + mlp) + kv_rows * 4 * D * K * dh + pairs * 4 * H * dh
 
 
+def packed_waste(cfg, P: int) -> float:
+    """Share of a re-run row's FLOPs that a packed staircase still spends on a row before its cell's first
+    position (arch.resume_cells): that row's queries' scores and mixes over P keys."""
+    attn = P * 4 * cfg.n_heads * cfg.d_head
+    return attn / _block(cfg, 1, 1, P)
+
+
 def forward_flops(cfg, batch: int, P: int, sparse: bool = False) -> int:
     """One full forward of batch x P tokens with logits everywhere (causal attention); sparse: count a
     mixture of experts' chosen experts only (mlp_flops)."""
@@ -88,13 +95,20 @@ def performed_flops(cfg, stats: dict) -> int:
     read = np.arange(P) if positions is None else np.asarray(positions)
     total = forward_flops(cfg, B, P)  # the base run
     for ch in stats["chunks"]:
-        rows = P - ch["s0"]
-        n_in = int((read >= ch["s0"]).sum())
+        s0 = ch["s0"]
+        rows = P - s0
+        n_in = int((read >= s0).sum())
         last_q = n_in if positions is not None else rows
-        for start, n in ch["starts"]:  # n cells whose layers run from `start`
+        # cells as (first layer, first position); unpacked, every cell computes every row from s0
+        layers = [start for start, n in ch["starts"] for _ in range(n)]
+        firsts = ch.get("packed") or [s0] * len(layers)
+        for start, p in zip(layers, firsts):
+            p = max(p, s0)
+            live, live_last = P - p, (int((read >= p).sum()) if positions is not None else P - p)
             for l in range(start, L):
-                q = last_q if l == L - 1 else rows
+                q, lq = (last_q, live_last) if l == L - 1 else (rows, live)
                 from_z = l == start and stats["from_z"] and l < L - 1  # resumed from the base run's mixes
-                total += n * B * _block(cfg, q, rows, q * P, from_z)
-            total += n * B * 2 * cfg.d_model * V * len(read)
+                # projections and MLP on the live rows, scores and mixes for every query row from s0
+                total += B * (_block(cfg, lq, live, 0, from_z) + (0 if from_z else q * P * 4 * cfg.n_heads * cfg.d_head))
+            total += B * 2 * cfg.d_model * V * len(read)
     return int(total)

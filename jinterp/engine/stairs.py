@@ -44,10 +44,12 @@ class StairChunk:
 BUCKET_ROWS = 384
 
 
-def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int | None = None, max_buckets: int = 16) -> list[int]:
+def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int | None = None, max_buckets: int = 16,
+                  waste: float = 1.0) -> list[int]:
     """Bucket starts minimising the rows re-run (sum over cells of batch x (P - start)) plus
     `bucket_rows` (default BUCKET_ROWS) per bucket: exact dynamic programme over the distinct first
-    positions."""
+    positions. waste: what a row before a cell's own first position costs, as a share of a row (1: it is
+    re-run whole; packed cells, arch.resume_cells, run only its attention)."""
     bucket_rows = BUCKET_ROWS if bucket_rows is None else bucket_rows
     fp = np.asarray(first_pos, np.int64)
     if fp.size == 0:
@@ -56,7 +58,8 @@ def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int | None = N
     vals, cnt = np.unique(fp // q * q, return_counts=True)
     n = len(vals)
     csum = np.concatenate([[0], np.cumsum(cnt)])
-    cost = lambda i, j: (csum[j] - csum[i]) * batch * (P - vals[i]) + bucket_rows
+    need = np.concatenate([[0], np.cumsum(cnt * (P - vals))])  # rows from each cell's own first position
+    cost = lambda i, j: (need[j] - need[i] + waste * ((csum[j] - csum[i]) * (P - vals[i]) - need[j] + need[i])) * batch + bucket_rows
     best, arg = [0.0] + [np.inf] * n, [[]] + [None] * n
     # best[j]: cheapest cover of the first j distinct positions; arg[j]: its starts (at most max_buckets)
     for j in range(1, n + 1):
@@ -67,13 +70,13 @@ def bucket_starts(first_pos, P: int, batch: int = 1, bucket_rows: int | None = N
 
 
 def stair_plan(first_layer, first_pos, todo, *, P: int, n_layers: int, cap: int, n_devices: int = 1,
-               batch: int = 1, buckets: bool = True, unchanged_prefix: int = 0) -> list[StairChunk]:
+               batch: int = 1, buckets: bool = True, unchanged_prefix: int = 0, waste: float = 1.0) -> list[StairChunk]:
     """Chunks covering cells `todo` (at most `cap` real cells each), given each cell's first changed
-    layer and position."""
+    layer and position (waste: see bucket_starts)."""
     todo = np.asarray(todo)
     fc = np.maximum(np.asarray(first_pos), int(unchanged_prefix))
     fl = np.asarray(first_layer)
-    starts = bucket_starts(fc[todo], P, batch) if buckets and len(todo) else [0]
+    starts = bucket_starts(fc[todo], P, batch, waste=waste) if buckets and len(todo) else [0]
     s0 = np.array([max([s for s in starts if s <= c] or [0]) for c in fc], np.int64)
     out = []
     for s in sorted(set(s0[todo].tolist())):
