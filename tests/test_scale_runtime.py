@@ -47,9 +47,19 @@ import json, sys
 events = []
 jax.monitoring.register_event_listener(lambda e, **kw: events.append(e))
 assert str(jinterp.compile_cache.path()) == sys.argv[1], jinterp.compile_cache.path()
+from jinterp.engine import traced
 values = resid_pre()
-print(json.dumps(dict(values=values.tolist(), hits=events.count("/jax/compilation_cache/cache_hits"),
-                      misses=events.count("/jax/compilation_cache/cache_misses"))))
+kept = dict(traced.stats)
+
+def own_metric(logits):  # defined outside jinterp: its sweep is traced every time, never kept
+    return logits[:, -1, 3].mean()
+
+model, clean, corrupted, _ = setup()
+_, cache = model.run_with_cache(clean)
+own = patching.resid_pre(model, corrupted, cache, own_metric, progress=False).values
+print(json.dumps(dict(values=values.tolist(), own=own.tolist(), hits=events.count("/jax/compilation_cache/cache_hits"),
+                      misses=events.count("/jax/compilation_cache/cache_misses"), kept=kept,
+                      uncached=traced.stats["uncached"] - kept["uncached"])))
 """
 
 HOSTS_SCRIPT = """
@@ -120,7 +130,8 @@ def _reference():
 
 def test_compile_cache_across_processes(tmp_path):
     """A second process running the same sweep loads every program from the cache: same numbers,
-    only cache hits, no new entries."""
+    only cache hits, no new entries; its sweep program is loaded traced (engine/traced.py), not traced
+    again. A sweep whose metric is defined outside jinterp is never kept traced."""
     cache = tmp_path / "xla"
     env = _env(JINTERP_COMPILE_CACHE=str(cache))
     entries = lambda: sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))
@@ -131,6 +142,28 @@ def test_compile_cache_across_processes(tmp_path):
     assert second["hits"] == first["misses"] and second["misses"] == 0
     assert entries() == written
     np.testing.assert_array_equal(second["values"], first["values"])
+    np.testing.assert_array_equal(second["own"], first["own"])
+    assert first["kept"]["saved"] >= 1 and first["kept"]["loaded"] == 0
+    assert second["kept"]["loaded"] == first["kept"]["saved"] and second["kept"]["saved"] == 0
+    assert first["uncached"] >= 1 and second["uncached"] == first["uncached"]
+    assert len(list((cache / "jinterp-traced").iterdir())) == first["kept"]["saved"]
+
+
+def test_traced_program_keys():
+    """A kept program's key changes with its static arguments and argument shapes; static arguments
+    that refer to code outside jinterp (a lambda, a function of another module) give no key."""
+    from jinterp import metrics
+    from jinterp.engine import traced
+
+    m = metrics.logit_diff(np.array([[1, 2]]))
+    args = (np.zeros((2, 3), np.float32), {"a": np.arange(4)})
+    k = traced.key("f", args, dict(metric=m, n=1))
+    assert k == traced.key("f", args, dict(metric=m, n=1))
+    assert k != traced.key("f", args, dict(metric=m, n=2))
+    assert k != traced.key("f", (np.zeros((2, 4), np.float32), args[1]), dict(metric=m, n=1))
+    assert k != traced.key("g", args, dict(metric=m, n=1))
+    assert traced.key("f", args, dict(metric=lambda x: x)) is None
+    assert traced.key("f", args, dict(metric=_free_port)) is None  # tests.test_scale_runtime: not jinterp's
 
 
 def test_compile_cache_location(tmp_path, monkeypatch):

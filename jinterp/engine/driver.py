@@ -38,6 +38,7 @@ from jinterp.distributed import to_host
 from jinterp.engine.flops import packed_waste
 from jinterp.engine.plan import bytes_per_cell, chunk_budget, plan
 from jinterp.engine.stairs import small_groups, stair_plan
+from jinterp.engine import traced
 from jinterp.engine.store import SweepStore, signature
 from jinterp.results import Labelled, label_grid
 
@@ -401,14 +402,14 @@ def sweep(
             chunk = {k: v[ch.order] for k, v in cells.items()}
             args = (model.params, base, chunk, data)
             static.update(counts=ch.counts, first=ch.first, first_pos=packed(ch))
-            out = _run_stairs(*args, **static)
+            out = traced.call(_run_stairs, args, static)
             if stats is not None:  # XLA's own count (a staircase has no loops, so its count is exact)
                 cost = _run_stairs.lower(*args, **static).compile().cost_analysis()
                 stats.setdefault("xla_flops", []).append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
             return ch.cells, out, np.nonzero(ch.real)[0]
         pad = np.concatenate([ch.cells, np.repeat(ch.cells[:1], ch.size - len(ch.cells))])
         chunk = {k: v[pad] for k, v in cells.items()}
-        out = _run_chunk(model.params, base, chunk, data, jnp.int32(ch.layer), **static)
+        out = traced.call(_run_chunk, (model.params, base, chunk, data, jnp.int32(ch.layer)), static)
         return ch.cells, out, np.arange(len(ch.cells))
 
     # dispatch the next chunk before reading the last one back, so the device never waits on the host
