@@ -153,6 +153,8 @@ def main():
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--stairs", choices=("auto", "on", "off"), default="auto",
                     help="jinterp's staircase sweeps (sweep(stairs=...)); off: one program call per first layer")
+    ap.add_argument("--pack", choices=("on", "off"), default="on",
+                    help="staircases pack each cell's rows from its own first position (sweep(pack=...))")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--warm-runs", type=int, default=3, help="jinterp warm runs per round")
@@ -208,7 +210,7 @@ def main():
         for name, fn, _ in sweeps:
             st = {}
             firsts[name] = (*timed(lambda: fn(model, corrupted, clean_cache, metric, progress=False,
-                                              stairs=stairs, stats=st)), st)
+                                              stairs=stairs, pack=a.pack == "on", stats=st)), st)
         rss_jinterp = peak_rss_gb()
         tl = TransformerBridge.boot_transformers(
             d, device="cpu", dtype=torch.bfloat16 if a.dtype == "bfloat16" else torch.float32)
@@ -219,7 +221,7 @@ def main():
             tl(torch.as_tensor(corrupted))  # warm up
     for name, fn, tl_name in sweeps:
         st = {}
-        run = lambda: fn(model, corrupted, clean_cache, metric, progress=False, stairs=stairs, stats=st)
+        run = lambda: fn(model, corrupted, clean_cache, metric, progress=False, stairs=stairs, pack=a.pack == "on", stats=st)
         ours, first, st = firsts[name] if tl is not None else (*timed(run), st)
         done, least = flops.performed_flops(model.cfg, st), flops.minimum_for(model.cfg, st)
         row = dict(sweep=name, cells=int(np.prod(ours.shape)), jinterp_first_s=round(first, 3),
@@ -255,7 +257,7 @@ def main():
     xla_rate, torch_rate = matmul_rates(rows_typ, d_model, d_mlp, dtype)
     for r in rows:
         r["jinterp_over_xla_matmul_rate"] = round(r["jinterp_gflops"] / xla_rate, 2)
-    info = dict(device=str(jax.devices()[0]), cpu=cpu_model(), dtype=a.dtype, stairs=stairs,
+    info = dict(device=str(jax.devices()[0]), cpu=cpu_model(), dtype=a.dtype, stairs=stairs, pack=a.pack,
                 matmul_shape=[rows_typ, d_model, d_mlp], xla_matmul_gflops=round(xla_rate, 1),
                 torch_matmul_gflops=round(torch_rate, 1), jax=jax.__version__, torch=torch.__version__,
                 scenario="unrelated random clean/corrupted" if a.shared_prefix is None else f"IOI-like, shared prefix {a.shared_prefix}", shape=dict(

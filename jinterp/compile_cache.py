@@ -9,7 +9,8 @@ of compiling them again. On by default from `import jinterp`:
 
 Every program is cached, however fast it compiled (jax's default keeps only those over 1 s, which
 leaves out most CPU programs); the directory is capped at 4 GiB, least recently used entries
-first. Only tracing and lowering (Python) remain per process. In a multi-process run only
+first. Tracing and lowering (Python) remain per process, except for sweep programs that
+jinterp.engine.traced keeps traced. In a multi-process run only
 process 0 writes entries (jax's rule); the others read them when the directory is shared.
 
 A program loaded from the cache still goes through jax's compile step: the

@@ -32,6 +32,7 @@ from jax import export
 from jinterp import compile_cache
 
 SUBDIR = "jinterp-traced"
+MAX_BYTES = 512 << 20  # beyond this, the least recently written entries go
 _SAFE_MODULES = ("jinterp", "numpy", "builtins", "jax", "flax", "ml_dtypes", "collections", "functools", "operator")
 _loaded: dict[str, object] = {}
 stats = {"loaded": 0, "saved": 0, "uncached": 0}  # since the process started (tests read it)
@@ -130,5 +131,11 @@ def _save(path: Path, blob) -> None:
         tmp.write_bytes(bytes(blob))
         os.replace(tmp, path)
         stats["saved"] += 1
+        entries = sorted(path.parent.glob("*.exported"), key=lambda p: p.stat().st_mtime, reverse=True)
+        total = 0
+        for e in entries:
+            total += e.stat().st_size
+            if total > MAX_BYTES:
+                e.unlink(missing_ok=True)
     except OSError:
         pass
