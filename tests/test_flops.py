@@ -29,14 +29,15 @@ def test_counts_agree_with_xla(tmp_path, monkeypatch):
     metric = metrics.logit_diff(np.random.RandomState(2).randint(0, hf_zoo.V, (3, 2)))
     for fn in (patching.resid_pre, patching.attn_head_out_by_pos):
         st = {}
-        fn(m, corr, cache, metric, progress=False, stairs=True, stats=st)
+        packed = fn(m, corr, cache, metric, progress=False, stairs=True, stats=st).values
         performed = flops.performed_flops(cfg, st) - flops.forward_flops(cfg, 3, 8)  # less the base run
         assert performed <= sum(st["xla_flops"]) <= 1.25 * performed
         # at 8 positions the default bucket cost merges all positions into one bucket; packed, each cell's
         # projections and MLP still run only from its own first position: the slack is attention
         assert 1.0 <= flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) <= 1.15
         st = {}
-        fn(m, corr, cache, metric, progress=False, stairs=True, stats=st, pack=False)  # every row from the bucket's start
+        unpacked = fn(m, corr, cache, metric, progress=False, stairs=True, stats=st, pack=False).values  # every row from s0
+        np.testing.assert_allclose(packed, unpacked, atol=2e-5)
         performed = flops.performed_flops(cfg, st) - flops.forward_flops(cfg, 3, 8)
         assert performed <= sum(st["xla_flops"]) <= 1.25 * performed
         assert flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) > 1.2

@@ -117,7 +117,7 @@ def test_driver_options_agree(setup):
     _, m, _, corr, cache, metric = setup
     ref = patching.resid_pre(m, corr, cache, metric, progress=False).values
     for kw in (dict(chunk_size=1), dict(buckets=False), dict(metric_positions=None), dict(chunk_size=3, buckets=False),
-               dict(stairs=True), dict(stairs=True, pack=False), dict(stairs=False), dict(stairs=False, chunk_size=3)):
+               dict(stairs=True), dict(stairs=False), dict(stairs=False, chunk_size=3)):
         np.testing.assert_allclose(patching.resid_pre(m, corr, cache, metric, progress=False, **kw).values, ref, atol=2e-5)
 
 

@@ -303,7 +303,7 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     its attention mixes when no edit targets an earlier site). So every cell computes exactly
     layers >= its start at positions >= s0 (static), with matrix products over all started cells.
     first_pos: static, each cell's first changed position (>= s0): the projections and MLPs then pack
-    the rows at or after it, every cell's, into one product (decoder.packed_ein); the rows before it
+    the rows at or after it, every cell's, into one product (arch/packing.py); the rows before it
     keep the base run's keys, values and final residual. Attention still runs over every row from s0.
     Returns rows [N, B, len(order), len(vocab) or V] with order = (positions before s0) + (positions
     from s0); `cells_view` turns one cell's rows into the [B, P, V] view `resume` returns.
