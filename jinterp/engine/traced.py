@@ -84,7 +84,7 @@ def key(name: str, args: tuple, static: dict) -> str | None:
                  jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision), dev.platform,
                  getattr(dev, "device_kind", ""), jax.device_count(), name, buf.getvalue(), str(tree),
                  [_spec(a) for a in leaves])
-    except (_Foreign, pickle.PicklingError, TypeError, AttributeError):
+    except Exception:  # _Foreign, or anything that does not pickle: not cached
         return None
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
