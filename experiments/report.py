@@ -114,7 +114,14 @@ def _fmt(v) -> str:
 class Report:
     def __init__(self, out_dir, name: str, *, config: dict | None = None, overwrite: bool = False):
         self.out = Path(out_dir)
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
+        exists = self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite
+        if _process_count() > 1:
+            # process 0 (the writer) decides for all; this also keeps any process from finishing (and moving
+            # the report into place) before every process has checked
+            from jax.experimental import multihost_utils
+
+            exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+        if exists:
             raise OutputExists(f"{self.out} already exists and is not empty; pass --overwrite to replace it, or choose another --out")
         self.overwrite = overwrite
         self.name = name
@@ -232,6 +239,12 @@ def _process_index() -> int:
     import jax
 
     return jax.process_index()
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def _remove(path: Path) -> None:

@@ -98,3 +98,34 @@ def _have_filelock() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _map_count() -> int | None:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def _max_maps() -> int | None:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def guard_map_count(share: float = 0.75) -> bool:
+    """Clear JAX's in-memory caches (with a warning) when this process's memory maps near the kernel's
+    limit. Every XLA:CPU executable holds its code in separate maps, and a process that keeps a few
+    hundred large programs reaches vm.max_map_count; LLVM then aborts the process at the next compile
+    ("Unable to allocate section memory"). Returns whether it cleared. The sweep driver calls it."""
+    n, limit = _map_count(), _max_maps()
+    if n is None or not limit or n < share * limit:
+        return False
+    warnings.warn(f"jinterp: this process holds {n} memory maps of the kernel's {limit} (vm.max_map_count), mostly "
+                  "compiled programs; clearing JAX's caches so the next compile does not abort. Programs will "
+                  "recompile (or load from the persistent cache). To keep them, raise the limit: "
+                  "sysctl vm.max_map_count=262144", stacklevel=3)
+    jax.clear_caches()
+    return True

@@ -223,3 +223,19 @@ def test_initialize_after_jax_started_says_so():
         distributed.initialize("127.0.0.1:1", 2, 1)
     assert distributed.is_main()
     np.testing.assert_array_equal(distributed.to_host(jax.numpy.arange(3)), np.arange(3))
+
+
+def test_map_count_guard(monkeypatch):
+    """Near vm.max_map_count (simulated), the guard warns, names the limit and the fix, and clears JAX's
+    caches; below it, nothing happens."""
+    n = compile_cache._map_count()  # the real count, on Linux
+    assert n is None or n > 0
+    calls = []
+    monkeypatch.setattr(jax, "clear_caches", lambda: calls.append(1))
+    monkeypatch.setattr(compile_cache, "_max_maps", lambda: 1000)
+    monkeypatch.setattr(compile_cache, "_map_count", lambda: 700)
+    assert not compile_cache.guard_map_count() and not calls
+    monkeypatch.setattr(compile_cache, "_map_count", lambda: 800)
+    with pytest.warns(UserWarning, match=r"800 memory maps .*1000.*vm.max_map_count=262144"):
+        assert compile_cache.guard_map_count()
+    assert calls == [1]

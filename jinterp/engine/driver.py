@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinterp import arch
+from jinterp import arch, compile_cache
 from jinterp import metrics as M
 from jinterp.distributed import to_host
 from jinterp.engine.flops import packed_waste
@@ -319,6 +319,7 @@ def sweep(
     passes its axes) and carrying the results. Results of sweeps without NaN are unchanged.
     """
     cfg = model.config
+    compile_cache.guard_map_count()  # a process holding many programs nears the kernel's map limit
     if mesh is not None and model.mesh is not None:
         raise ValueError("this model's parameters are sharded on a mesh (jinterp.load(..., mesh=)); its sweeps run "
                          "on that mesh, partitioned by XLA. Drop mesh= (it splits cells over a mesh for a model "
