@@ -44,8 +44,7 @@ def _block(cfg, q_rows, kv_rows, pairs, from_z=False, sparse=False):
 def packed_waste(cfg, P: int) -> float:
     """Share of a re-run row's FLOPs that a packed staircase still spends on a row before its cell's first
     position (arch.resume_cells): that row's queries' scores and mixes over P keys."""
-    attn = P * 4 * cfg.n_heads * cfg.d_head
-    return attn / _block(cfg, 1, 1, P)
+    return _block(cfg, 0, 0, P) / _block(cfg, 1, 1, P)
 
 
 def forward_flops(cfg, batch: int, P: int, sparse: bool = False) -> int:
@@ -109,6 +108,6 @@ def performed_flops(cfg, stats: dict) -> int:
                 q, lq = (last_q, live_last) if l == L - 1 else (rows, live)
                 from_z = l == start and stats["from_z"] and l < L - 1  # resumed from the base run's mixes
                 # projections and MLP on the live rows, scores and mixes for every query row from s0
-                total += B * (_block(cfg, lq, live, 0, from_z) + (0 if from_z else q * P * 4 * cfg.n_heads * cfg.d_head))
+                total += B * _block(cfg, lq, live, q * P, from_z)
             total += B * 2 * cfg.d_model * V * len(read)
     return int(total)
