@@ -1,5 +1,6 @@
 import gc
 import os
+import warnings
 
 import pytest
 
@@ -17,14 +18,20 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 
+from jinterp import compile_cache  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fresh_jax_caches():
-    """Drop compiled executables after each module: a long run otherwise keeps hundreds of them alive."""
+def _bounded_jax_caches():
+    """Modules share compiled programs (the same tiny configs recur), but a long run would otherwise keep
+    so many alive that the process nears vm.max_map_count, where XLA:CPU aborts (BUILD_NOTES): after a
+    module, clear JAX's caches once the process holds 40% of the limit (about every ten modules)."""
     yield
-    jax.clear_caches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_cache.guard_map_count(share=0.4)
     gc.collect()
 
 
@@ -73,6 +80,7 @@ SLOW_VARIANTS |= {f"tests/test_patching.py::{t}" for t in (
     "test_path_patching_matches_algorithm[mistral-sliding-receivers1]",
     "test_back_patching_judge_and_ragged_targets[mistral-sliding]",
     "test_resume_from_checkpoint[mistral-sliding]",
+    "test_mesh_over_8_devices_matches_one_device[mistral-sliding]",
     "test_every_variants[gpt2]",
     "test_path_patching_matches_algorithm[llama-gqa-untied-bias-receivers1]",
     "test_metric_reading_all_positions_and_per_example[llama-gqa-untied-bias]",

@@ -1,7 +1,8 @@
 """Work accounting (jinterp/engine/flops.py) against XLA's own FLOP count of the compiled programs."""
 
-import numpy as np
 import jax
+import numpy as np
+import pytest
 
 import jinterp
 from jinterp import arch, metrics, patching
@@ -14,7 +15,7 @@ def xla_flops(fn, *args):
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def test_counts_agree_with_xla(tmp_path, monkeypatch):
+def test_counts_agree_with_xla(tmp_path):
     m = jinterp.load(hf_zoo.save(hf_zoo.build("gpt2"), tmp_path / "m"))
     cfg = m.cfg
     toks = np.random.RandomState(0).randint(0, hf_zoo.V, (3, 8))
@@ -41,8 +42,17 @@ def test_counts_agree_with_xla(tmp_path, monkeypatch):
         performed = flops.performed_flops(cfg, st) - flops.forward_flops(cfg, 3, 8)
         assert performed <= sum(st["xla_flops"]) <= 1.25 * performed
         assert flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) > 1.2
-    # a bucket per first position: exact in layers and positions (the slack is attention over all keys
-    # instead of causal ones, and the last block's unread rows)
+
+
+@pytest.mark.slow  # eight programs, one per bucket
+def test_bucket_per_position_is_exact_in_layers_and_positions(tmp_path, monkeypatch):
+    """A bucket per first position: the slack is attention over all keys instead of causal ones, and
+    the last block's unread rows."""
+    m = jinterp.load(hf_zoo.save(hf_zoo.build("gpt2"), tmp_path / "m"))
+    cfg = m.cfg
+    toks, corr = (np.random.RandomState(s).randint(0, hf_zoo.V, (3, 8)) for s in (0, 1))
+    _, cache = m.run_with_cache(toks)
+    metric = metrics.logit_diff(np.random.RandomState(2).randint(0, hf_zoo.V, (3, 2)))
     monkeypatch.setattr(stairs, "BUCKET_ROWS", 0)
     st = {}
     patching.resid_pre(m, corr, cache, metric, progress=False, stairs=True, stats=st)

@@ -403,10 +403,13 @@ def sweep(
             chunk = {k: v[ch.order] for k, v in cells.items()}
             args = (model.params, base, chunk, data)
             static.update(counts=ch.counts, first=ch.first, first_pos=packed(ch))
-            out = traced.call(_run_stairs, args, static)
-            if stats is not None:  # XLA's own count (a staircase has no loops, so its count is exact)
-                cost = _run_stairs.lower(*args, **static).compile().cost_analysis()
+            if stats is None:
+                out = traced.call(_run_stairs, args, static)
+            else:  # XLA's own count (a staircase has no loops, so its count is exact), from the program run
+                compiled = _run_stairs.lower(*args, **static).compile()
+                cost = compiled.cost_analysis()
                 stats.setdefault("xla_flops", []).append(float((cost[0] if isinstance(cost, list) else cost)["flops"]))
+                out = compiled(*args)
             return ch.cells, out, np.nonzero(ch.real)[0]
         pad = np.concatenate([ch.cells, np.repeat(ch.cells[:1], ch.size - len(ch.cells))])
         chunk = {k: v[pad] for k, v in cells.items()}
