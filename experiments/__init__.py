@@ -57,7 +57,7 @@ def get(name: str) -> ModuleType:
 
 
 def run(name: str, out, *, model=None, batch: int | None = None, seed: int = 0, quick: bool = False,
-        overwrite: bool = False) -> Path:
+        overwrite: bool = False, mesh="auto") -> Path:
     """Run experiment `name` on `model` (a bundled name, an HF-format directory or a hub id; default
     the experiment's own organism) and write its report to `out`. Returns the output directory.
 
@@ -65,8 +65,19 @@ def run(name: str, out, *, model=None, batch: int | None = None, seed: int = 0, 
     written to a staging directory first: a run that raises (or is interrupted with Ctrl-C) leaves
     neither a half-written report nor the staging directory. report.json's "run" section holds
     what varies between identical runs: wall time and the number of XLA programs compiled.
+
+    Several hosts: call jinterp.distributed.initialize() first and run the same call in every
+    process. mesh="auto" then splits every sweep's cells over every device of every process
+    (distributed.split_sweeps; the rest of the experiment runs in each process), and process 0
+    alone writes the report. mesh=None runs every sweep on this process's first device; a Mesh
+    splits the sweeps over it.
     """
+    import contextlib
+
+    import jax
+
     import jinterp
+    from jinterp import distributed
 
     exp = get(name)
     source = model or exp.ORGANISM
@@ -76,8 +87,13 @@ def run(name: str, out, *, model=None, batch: int | None = None, seed: int = 0, 
         t0 = time.perf_counter()
         m = jinterp.load(source)
         report.meta["load_seconds"] = round(time.perf_counter() - t0, 2)
-        with count_compiles() as compiles:
+        if isinstance(mesh, str) and mesh == "auto":
+            mesh = distributed.device_mesh() if jax.process_count() > 1 else None
+        split = contextlib.nullcontext() if mesh is None else distributed.split_sweeps(mesh)
+        with count_compiles() as compiles, split:
             exp.run(m, report, batch=batch, seed=seed, quick=quick)
+        report.meta["sweep_devices"] = 1 if mesh is None else int(mesh.devices.size)
+        report.meta["processes"] = jax.process_count()
         report.meta["wall_seconds"] = round(compiles.wall_seconds, 2)
         report.meta.update(compiles.summary())
         return report.finish(exp.TITLE, (exp.__doc__ or "").strip().split("\n\n")[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -93,6 +94,14 @@ def experiment(
         typer.echo(f"Error: {e}. `jinterp experiment list` describes them.", err=True)
         raise typer.Exit(2)
     out = out or Path("out") / name
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("JAX_NUM_PROCESSES"):
+        from jinterp import distributed  # several hosts: every process runs this command (README)
+
+        try:
+            distributed.initialize()
+        except distributed.DistributedError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(2)
     try:
         done = experiments.run(name, out, model=model, batch=batch, seed=seed, quick=quick, overwrite=overwrite)
     except experiments.OutputExists as e:
@@ -101,6 +110,10 @@ def experiment(
     except KeyboardInterrupt:
         typer.echo("\ninterrupted: no report written", err=True)
         raise typer.Exit(130)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 wrote the report and prints it
+        return
     doc = json.loads((done / "report.json").read_text())
     typer.echo("\n".join(experiments.claims_markdown(doc["claims"])))
     held = sum(c["holds"] for c in doc["claims"])

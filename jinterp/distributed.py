@@ -2,8 +2,9 @@
 
     from jinterp import distributed
     distributed.initialize()            # first, before any JAX computation
-    mesh = jax.make_mesh((jax.device_count(),), ("sweep",), axis_types=(jax.sharding.AxisType.Auto,))
-    result = patching.resid_pre(model, corrupted, clean_cache, metric, mesh=mesh)
+    result = patching.resid_pre(model, corrupted, clean_cache, metric, mesh=distributed.device_mesh())
+    with distributed.split_sweeps():    # every sweep in the block, e.g. a whole experiment
+        experiments.run("ioi", "out/ioi")   # (experiments.run does this itself with several processes)
     if distributed.is_main():
         result.to_dataframe().to_csv("resid_pre.csv")
 
@@ -18,12 +19,17 @@ processes.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import socket
 import time
 
 import jax
 import numpy as np
+
+
+_sweep_mesh = contextvars.ContextVar("jinterp_sweep_mesh", default=None)
 
 
 class DistributedError(RuntimeError):
@@ -121,3 +127,28 @@ def to_host(x):
         return np.asarray(a)
 
     return jax.tree.map(one, x)
+
+
+def device_mesh(axis: str = "sweep"):
+    """A one-axis mesh over every device of every process."""
+    return jax.make_mesh((jax.device_count(),), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@contextlib.contextmanager
+def split_sweeps(mesh=None):
+    """Within the block, every sweep (every patching recipe, path patching, ablation scan) splits its
+    cells over `mesh` (default: device_mesh(), every device of every process), as if called with
+    `mesh=`; a sweep given its own mesh, or on a model sharded with jinterp.load(..., mesh=), keeps
+    that. With several processes, each runs its share of the cells and gets the whole result back,
+    so a script written for one process (an experiment, say) splits its sweeps over every host
+    unchanged. Like every cross-process step, the sweeps must run in every process, in the same order."""
+    token = _sweep_mesh.set(device_mesh() if mesh is None else mesh)
+    try:
+        yield
+    finally:
+        _sweep_mesh.reset(token)
+
+
+def sweep_mesh():
+    """The mesh split_sweeps set for this block, or None."""
+    return _sweep_mesh.get()

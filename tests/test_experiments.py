@@ -184,3 +184,46 @@ def test_cli_quick_run(tmp_path):
     doc = json.loads((out / "report.json").read_text())
     assert doc["config"] == dict(experiment="induction", model="induction-2l", batch=16, seed=3, quick=True)
     assert doc["numbers"]["n_sequences"] == 16
+
+
+TWO_HOSTS = """
+import os, sys
+port, pid, out = sys.argv[1], sys.argv[2], sys.argv[3]
+# the README's launch: the same command on every host, told the coordinator by the environment
+os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=pid,
+                  JAX_NUM_CPU_DEVICES="4")
+from jinterp.cli import app
+from jinterp.engine import traced
+
+meshes, call = [], traced.call
+def spy(fn, args, static):  # sees every sweep program the driver runs
+    meshes.append(static.get("mesh"))
+    return call(fn, args, static)
+traced.call = spy
+try:
+    app(["experiment", "induction", "--out", out, "--quick"])
+except SystemExit as e:
+    assert not e.code, e.code
+print("host", pid, "sweep programs on", sorted({1 if m is None else m.devices.size for m in meshes}), "devices")
+"""
+
+
+def test_experiment_on_two_hosts_splits_its_sweeps(induction_runs, tmp_path):
+    """`jinterp experiment` started in two processes of 4 CPU devices each: every sweep splits its
+    cells over all 8 devices, process 0 alone writes and prints the report, and its numbers and claims
+    are the single-process run's (up to float rounding: the split sweeps do not pack rows)."""
+    from tests import procs
+
+    (one, _), _ = induction_runs
+    logs = procs.processes(TWO_HOSTS, tmp_path / "two", env=procs.env(JINTERP_COMPILE_CACHE="0"), timeout=300)
+    for i, stdout in enumerate(logs):
+        assert f"host {i} sweep programs on [8] devices" in stdout, stdout
+        assert ("claims hold" in stdout) == (i == 0), stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]  # one report, no staging left behind
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert (two["run"]["processes"], two["run"]["sweep_devices"]) == (2, 8)
+    assert (one["run"]["processes"], one["run"]["sweep_devices"]) == (1, 1)
+    assert two["numbers"].keys() == one["numbers"].keys()
+    for k, v in one["numbers"].items():
+        assert two["numbers"][k] == (pytest.approx(v, abs=1e-3) if isinstance(v, float) else v), k
+    assert [(c["name"], c["holds"]) for c in two["claims"]] == [(c["name"], c["holds"]) for c in one["claims"]]

@@ -9,7 +9,7 @@ import pytest
 import jinterp
 from jinterp import edits as E
 from jinterp import metrics, patching
-from jinterp.engine import driver, store
+from jinterp.engine import driver, store, traced
 from tests import hf_zoo
 
 B, P = 3, 8
@@ -179,15 +179,28 @@ def test_staircase_plan():
             assert all(fp[i] >= c.s0 for i in c.cells)
 
 
-def test_mesh_over_8_devices_matches_one_device(setup):
+def test_mesh_over_8_devices_matches_one_device(setup, monkeypatch):
     """A sweep split over the 8 CPU devices gives the single-device numbers. In the suite's own process,
     late in it: this is where XLA:CPU used to abort (too many memory maps, see BUILD_NOTES; the sweep
     driver and tests/conftest.py now clear JAX's caches before the limit)."""
     _, m, _, corr, cache, metric = setup
     assert len(jax.devices()) == 8
     ref = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False).values
-    got = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=jax.make_mesh((8,), ("sweep",), axis_types=(jax.sharding.AxisType.Auto,))).values
+    got = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=jinterp.distributed.device_mesh()).values
     np.testing.assert_allclose(got, ref, atol=2e-5)
+    # split_sweeps: every sweep in the block as if given that mesh; an explicit mesh= still wins
+    meshes, call = [], traced.call
+    monkeypatch.setattr(traced, "call", lambda fn, args, static: meshes.append(static["mesh"]) or call(fn, args, static))
+    one = jax.make_mesh((1,), ("sweep",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    with jinterp.distributed.split_sweeps():
+        np.testing.assert_array_equal(patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False).values, got)
+        assert {mesh.devices.size for mesh in meshes} == {8}
+        meshes.clear()
+        patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=one)
+        assert {mesh.devices.size for mesh in meshes} == {1}
+    meshes.clear()
+    patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False)
+    assert jinterp.distributed.sweep_mesh() is None and set(meshes) == {None}
 
 
 def test_metric_reading_all_positions_and_per_example(setup):

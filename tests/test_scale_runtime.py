@@ -3,20 +3,14 @@ processes (4 CPU devices each) joined with jinterp.distributed. Each process is 
 device count and the distributed runtime are fixed when a process first uses JAX."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 from jinterp import compile_cache, distributed
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests import procs
 
 # a tiny random GPT-2-style model and a resid_pre sweep on it; the same in every process
 SETUP = """
@@ -103,25 +97,6 @@ except distributed.DistributedError as e:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**kw):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device unless a script asks
-    env.update(kw)
-    return env
-
-
-def _python(script, *args, env, timeout=120):
-    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out.stdout
-
-
 def _reference():
     ns = {}
     exec(SETUP, ns)
@@ -133,12 +108,12 @@ def test_compile_cache_across_processes(tmp_path):
     only cache hits, no new entries; its sweep program is loaded traced (engine/traced.py), not traced
     again. A sweep whose metric is defined outside jinterp is never kept traced."""
     cache = tmp_path / "xla"
-    env = _env(JINTERP_COMPILE_CACHE=str(cache))
+    env = procs.env(JINTERP_COMPILE_CACHE=str(cache))
     entries = lambda: sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache"))
-    first = json.loads(_python(CACHE_SCRIPT, cache, env=env).splitlines()[-1])
+    first = json.loads(procs.python(CACHE_SCRIPT, cache, env=env).splitlines()[-1])
     written = entries()
     assert first["misses"] > 0 and first["hits"] == 0 and len(written) == first["misses"]
-    second = json.loads(_python(CACHE_SCRIPT, cache, env=env).splitlines()[-1])
+    second = json.loads(procs.python(CACHE_SCRIPT, cache, env=env).splitlines()[-1])
     assert second["hits"] == first["misses"] and second["misses"] == 0
     assert entries() == written
     np.testing.assert_array_equal(second["values"], first["values"])
@@ -163,7 +138,7 @@ def test_traced_program_keys():
     assert k != traced.key("f", (np.zeros((2, 4), np.float32), args[1]), dict(metric=m, n=1))
     assert k != traced.key("g", args, dict(metric=m, n=1))
     assert traced.key("f", args, dict(metric=lambda x: x)) is None
-    assert traced.key("f", args, dict(metric=_free_port)) is None  # tests.test_scale_runtime: not jinterp's
+    assert traced.key("f", args, dict(metric=procs.free_port)) is None  # tests.procs: not jinterp's
 
 
 def test_compile_cache_location(tmp_path, monkeypatch):
@@ -187,20 +162,10 @@ def test_compile_cache_location(tmp_path, monkeypatch):
 def test_two_processes_run_one_sweep(tmp_path):
     """Two processes of 4 CPU devices each split one sweep over a mesh of all 8; process 0 alone
     writes the result, which equals the single-process one."""
-    port, out = _free_port(), tmp_path / "resid_pre.npy"
-    env = _env(JINTERP_COMPILE_CACHE="0")
-    procs = [subprocess.Popen([sys.executable, "-c", HOSTS_SCRIPT, str(port), str(i), str(out)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (stdout, stderr)) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0 and f"host {i} ok" in stdout, stderr[-4000:]
+    out = tmp_path / "resid_pre.npy"
+    logs = procs.processes(HOSTS_SCRIPT, out, env=procs.env(JINTERP_COMPILE_CACHE="0"))
+    for i, stdout in enumerate(logs):
+        assert f"host {i} ok" in stdout, stdout
     np.testing.assert_allclose(np.load(out), _reference(), atol=1e-5)
     # one checkpoint (process 0's) and one report, process 0's; nothing else left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, out.name + ".ckpt", out.name + ".report"])
@@ -208,9 +173,9 @@ def test_two_processes_run_one_sweep(tmp_path):
 
 
 def test_unreachable_coordinator_fails_within_the_timeout():
-    port = _free_port()  # nothing listens there
+    port = procs.free_port()  # nothing listens there
     t = time.monotonic()
-    out = _python(UNREACHABLE_SCRIPT, port, env=_env(JINTERP_COMPILE_CACHE="0"), timeout=60)
+    out = procs.python(UNREACHABLE_SCRIPT, port, env=procs.env(JINTERP_COMPILE_CACHE="0"), timeout=60)
     assert time.monotonic() - t < 30
     waited, message = out.strip().splitlines()[-1].split(" ", 1)
     assert 3 <= float(waited) < 8

@@ -34,7 +34,7 @@ import numpy as np
 
 from jinterp import arch, compile_cache
 from jinterp import metrics as M
-from jinterp.distributed import to_host
+from jinterp.distributed import sweep_mesh, to_host
 from jinterp.engine.flops import packed_waste
 from jinterp.engine.plan import bytes_per_cell, chunk_budget, plan
 from jinterp.engine.stairs import small_groups, stair_plan
@@ -308,8 +308,8 @@ def sweep(
     pack: a staircase on one device packs the rows its cells re-run into one product per projection,
     each cell's from its own first position (arch.resume_cells), so position buckets only save attention.
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device), for
-    a model held whole on every device. A model loaded with jinterp.load(..., mesh=) needs none: its
-    sweeps run on its own mesh.
+    a model held whole on every device (default: the one jinterp.distributed.split_sweeps set, if any).
+    A model loaded with jinterp.load(..., mesh=) needs none: its sweeps run on its own mesh.
     memory_budget: bytes a chunk may take (None: half the device's free memory, engine.plan.chunk_budget).
     checkpoint_dir: save finished cells there (orbax) and resume from them on a re-run (with several
     processes, process 0 writes and reads it; a directory every process can see is not needed).
@@ -319,6 +319,8 @@ def sweep(
     passes its axes) and carrying the results. Results of sweeps without NaN are unchanged.
     """
     cfg = model.config
+    if mesh is None and model.mesh is None:
+        mesh = sweep_mesh()  # distributed.split_sweeps
     compile_cache.guard_map_count()  # a process holding many programs nears the kernel's map limit
     if mesh is not None and model.mesh is not None:
         raise ValueError("this model's parameters are sharded on a mesh (jinterp.load(..., mesh=)); its sweeps run "
