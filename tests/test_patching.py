@@ -180,14 +180,29 @@ def test_staircase_plan():
 
 
 def test_mesh_over_8_devices_matches_one_device(setup, monkeypatch):
-    """A sweep split over the 8 CPU devices gives the single-device numbers. In the suite's own process,
-    late in it: this is where XLA:CPU used to abort (too many memory maps, see BUILD_NOTES; the sweep
-    driver and tests/conftest.py now clear JAX's caches before the limit)."""
-    _, m, _, corr, cache, metric = setup
+    """A sweep split over the 8 CPU devices gives the single-device numbers, packed staircases included.
+    In the suite's own process, late in it: this is where XLA:CPU used to abort (too many memory maps,
+    see BUILD_NOTES; the sweep driver and tests/conftest.py now clear JAX's caches before the limit)."""
+    from jinterp.engine import flops
+
+    name, m, _, corr, cache, metric = setup
     assert len(jax.devices()) == 8
+    mesh = jinterp.distributed.device_mesh()
     ref = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False).values
-    got = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=jinterp.distributed.device_mesh()).values
+    got = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=mesh).values
     np.testing.assert_allclose(got, ref, atol=2e-5)
+    # staircases pack on the mesh too: each slot of the devices' slices runs from the earliest first
+    # position among its cells, fewer rows than every cell from the bucket start
+    st = {}
+    staired = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=mesh, stats=st, stairs=True)
+    np.testing.assert_allclose(staired.values, ref, atol=2e-5)
+    assert all(ch["packed"] for ch in st["chunks"])
+    from_s0 = dict(st, chunks=[dict(ch, packed=None) for ch in st["chunks"]])
+    assert flops.performed_flops(m.cfg, st) < 0.9 * flops.performed_flops(m.cfg, from_s0)
+    if name != "gpt2":
+        return
+    r = patching.resid_pre(m, corr, cache, reads_every_position, progress=False, mesh=mesh, stairs=True).values
+    np.testing.assert_allclose(r, patching.resid_pre(m, corr, cache, reads_every_position, progress=False).values, atol=2e-5)
     # split_sweeps: every sweep in the block as if given that mesh; an explicit mesh= still wins
     meshes, call = [], traced.call
     monkeypatch.setattr(traced, "call", lambda fn, args, static: meshes.append(static["mesh"]) or call(fn, args, static))

@@ -37,7 +37,7 @@ from jinterp import metrics as M
 from jinterp.distributed import sweep_mesh, to_host
 from jinterp.engine.flops import packed_waste
 from jinterp.engine.plan import bytes_per_cell, chunk_budget, plan
-from jinterp.engine.stairs import small_groups, stair_plan
+from jinterp.engine.stairs import slot_first_pos, small_groups, stair_plan
 from jinterp.engine import traced
 from jinterp.engine.store import SweepStore, signature
 from jinterp.results import Labelled, label_grid
@@ -305,8 +305,9 @@ def sweep(
     stairs: run each chunk as a staircase (engine/stairs.py: one pass whose batch grows layer by
     layer; needs a cell function that asks for logits once); False: one program call per first
     layer; "auto": a staircase when those calls' matrix products would be small (stairs.small_groups).
-    pack: a staircase on one device packs the rows its cells re-run into one product per projection,
-    each cell's from its own first position (arch.resume_cells), so position buckets only save attention.
+    pack: a staircase packs the rows its cells re-run into one product per projection, each cell's from
+    its own first position (arch.resume_cells), so position buckets only save attention. On a mesh each
+    slot of the devices' slices runs from the earliest first position among its cells.
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device), for
     a model held whole on every device (default: the one jinterp.distributed.split_sweeps set, if any).
     A model loaded with jinterp.load(..., mesh=) needs none: its sweeps run on its own mesh.
@@ -370,7 +371,7 @@ def sweep(
         stairs = small_groups(fl, fc, todo, P=P, batch=B, buckets=buckets, unchanged_prefix=unchanged_prefix)
     stairs = bool(stairs) and fits and len(todo) > 0
     first_pos = np.maximum(fc, unchanged_prefix)
-    pack = stairs and pack and mesh is None and cfg.mlp != "moe"  # (moe: its experts are not packed)
+    pack = stairs and pack and cfg.mlp != "moe"  # (moe: its experts are not packed)
     if stairs:
         n_pos, n_voc = len(positions or range(P)), len(vocab or range(cfg.d_vocab))
         budget = chunk_budget() if memory_budget is None else memory_budget
@@ -382,7 +383,14 @@ def sweep(
         chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab, itemsize=itemsize,
                       buckets=buckets, unchanged_prefix=unchanged_prefix, chunk_size=chunk_size,
                       memory_budget=memory_budget, n_devices=n_dev)
-    packed = lambda ch: tuple(int(p) for p in first_pos[ch.order]) if pack else None
+    packed = lambda ch: slot_first_pos(ch, first_pos, n_dev) if pack else None
+
+    def packed_cells(ch):  # each cell's rows as run, in the order of `starts` (layer by layer, all devices)
+        per, out, i = packed(ch), [], 0
+        for k in ch.counts:
+            out += list(per[i : i + k]) * n_dev
+            i += k
+        return out
 
     if stats is not None:  # what engine/flops.py needs to count the work
         stats.update(from_z=bool(sites) and arch.from_attention_mixes(cfg, sites), batch=B, P=P, positions=positions,
@@ -391,7 +399,7 @@ def sweep(
                          dict(s0=ch.s0,
                               starts=[(ch.first + i, k * n_dev) for i, k in enumerate(ch.counts)] if stairs
                               else [(ch.layer, ch.size)],
-                              packed=packed(ch) if stairs else None) for ch in chunks])
+                              packed=packed_cells(ch) if stairs and pack else None) for ch in chunks])
 
     bar = None
     if progress and len(chunks) > 1 and jax.process_index() == 0:  # one bar, in process 0

@@ -84,20 +84,23 @@ def stair_plan(first_layer, first_pos, todo, *, P: int, n_layers: int, cap: int,
         idx = idx[np.argsort(fl[idx], kind="stable")]
         cap_d = max(n_devices, cap - cap % n_devices)
         for i in range(0, len(idx), cap_d):
-            out.append(_chunk(idx[i : i + cap_d], fl, int(s), n_layers, n_devices))
+            out.append(_chunk(idx[i : i + cap_d], fl, fc, int(s), n_layers, n_devices))
     return out
 
 
-def _chunk(idx, fl, s0, n_layers, n_dev):
+def _chunk(idx, fl, fc, s0, n_layers, n_dev):
+    """Cells of one start layer are dealt to the devices in order of first position, so one slot of every
+    device's slice holds cells of about the same first position (a packed program on a mesh runs each
+    slot from the earliest of them, see slot_first_pos); pads repeat the layer's last cell."""
     first = int(fl[idx].min())
-    by_layer = [idx[fl[idx] == l] for l in range(first, n_layers)]
+    by_layer = [c[np.argsort(fc[c], kind="stable")] for c in (idx[fl[idx] == l] for l in range(first, n_layers))]
     counts = tuple(-(-len(c) // n_dev) for c in by_layer)
     order, real = [], []
     for d in range(n_dev):
         for c, k in zip(by_layer, counts):
             mine = c[d::n_dev]
             pad = k - len(mine)
-            order.extend(mine.tolist() + ([int(c[0])] * pad if pad else []))
+            order.extend(mine.tolist() + ([int(c[-1])] * pad if pad else []))
             real.extend([True] * len(mine) + [False] * pad)
     return StairChunk(s0, first, counts, np.asarray(order, np.int64), np.asarray(real, bool))
 
@@ -117,3 +120,10 @@ def small_groups(first_layer, first_pos, todo, *, P: int, batch: int, buckets: b
     _, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
     rows = cnt[inv] * batch * (P - s0)
     return float(rows.mean()) < min_rows
+
+
+def slot_first_pos(chunk: StairChunk, first_pos, n_devices: int = 1) -> tuple:
+    """The first position each slot of a device's slice re-runs from: every device runs the same program,
+    so a slot starts at the earliest first position any device holds there (rows between that and a
+    cell's own first position re-run unchanged values: still exact)."""
+    return tuple(int(p) for p in np.asarray(first_pos)[chunk.order].reshape(n_devices, -1).min(0))
