@@ -211,7 +211,7 @@ print("host", pid, "sweep programs on", sorted({1 if m is None else m.devices.si
 def test_experiment_on_two_hosts_splits_its_sweeps(induction_runs, tmp_path):
     """`jinterp experiment` started in two processes of 4 CPU devices each: every sweep splits its
     cells over all 8 devices, process 0 alone writes and prints the report, and its numbers and claims
-    are the single-process run's (up to float rounding: the split sweeps do not pack rows)."""
+    are the single-process run's (up to float rounding: the split sweeps group their cells differently)."""
     from tests import procs
 
     (one, _), _ = induction_runs
