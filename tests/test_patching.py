@@ -177,6 +177,10 @@ def test_staircase_plan():
             for d in range(n_dev):  # each device's cells ordered by start layer, counts as declared
                 assert np.repeat(np.arange(c.first, 6), c.counts).tolist() == fl[per[d]].tolist()
             assert all(fp[i] >= c.s0 for i in c.cells)
+            # dealt back and forth by first position: at every layer, the devices' rows to re-run so far
+            # (pads included) differ by at most one cell's
+            rows = np.cumsum(8 - fp[per], axis=1)[:, np.cumsum(c.counts)[np.asarray(c.counts) > 0] - 1]
+            assert (rows.max(0) - rows.min(0)).max() <= 8 - c.s0
 
 
 def test_mesh_over_8_devices_matches_one_device(setup, monkeypatch):
@@ -191,14 +195,18 @@ def test_mesh_over_8_devices_matches_one_device(setup, monkeypatch):
     ref = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False).values
     got = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=mesh).values
     np.testing.assert_allclose(got, ref, atol=2e-5)
-    # staircases pack on the mesh too: each slot of the devices' slices runs from the earliest first
-    # position among its cells, fewer rows than every cell from the bucket start
+    # staircases pack on the mesh too: every device its own cells' rows, its products as large as the
+    # busiest device's; the count of that work agrees with XLA's (per device) and is less than every
+    # cell's rows from the bucket start
     st = {}
     staired = patching.attn_head_out_by_pos(m, corr, cache, metric, progress=False, mesh=mesh, stats=st, stairs=True)
     np.testing.assert_allclose(staired.values, ref, atol=2e-5)
     assert all(ch["packed"] for ch in st["chunks"])
+    performed = flops.performed_flops(m.cfg, st)
+    sweep_only = performed - flops.forward_flops(m.cfg, *corr.shape)
+    assert sweep_only <= 8 * sum(st["xla_flops"]) <= 1.25 * sweep_only
     from_s0 = dict(st, chunks=[dict(ch, packed=None) for ch in st["chunks"]])
-    assert flops.performed_flops(m.cfg, st) < 0.9 * flops.performed_flops(m.cfg, from_s0)
+    assert performed < 0.9 * flops.performed_flops(m.cfg, from_s0)
     if name != "gpt2":
         return
     r = patching.resid_pre(m, corr, cache, reads_every_position, progress=False, mesh=mesh, stairs=True).values

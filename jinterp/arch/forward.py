@@ -23,6 +23,7 @@ from flax import struct
 from jax import lax
 
 from jinterp.arch import decoder as D
+from jinterp.arch.packing import this_device, window_rows
 from jinterp.arch.params import param_shapes
 from jinterp.config import Config
 
@@ -292,7 +293,7 @@ def _view(rows, order, P, vocab, V):
 
 
 def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tuple, first: int, s0: int = 0,
-                 positions=None, vocab=None, first_pos=None):
+                 positions=None, vocab=None, first_pos=None, device_first_pos=None):
     """Many cells' edited logit rows in one pass that grows its batch layer by layer.
 
     cells: a pytree with a leading cell axis, cells ordered by the layer their edits start at;
@@ -305,6 +306,9 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     first_pos: static, each cell's first changed position (>= s0): the projections and MLPs then pack
     the rows at or after it, every cell's, into one product (arch/packing.py); the rows before it
     keep the base run's keys, values and final residual. Attention still runs over every row from s0.
+    device_first_pos: with the cells split over a mesh (inside shard_map), this device's cells' first
+    positions (traced), and first_pos every device's, static [devices, cells]: each device packs its
+    own rows, its products sized for the busiest device.
     Returns rows [N, B, len(order), len(vocab) or V] with order = (positions before s0) + (positions
     from s0); `cells_view` turns one cell's rows into the [B, P, V] view `resume` returns.
     """
@@ -323,7 +327,7 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
     part = lambda a, b: jax.tree.map(lambda v: v[a:b], cells)
     # live[c, j]: cell c computes window row j (packing), or None
-    live = None if first_pos is None else np.arange(s0, P)[None] >= np.asarray(first_pos)[:, None]
+    live = None if first_pos is None else window_rows(first_pos, np.arange(s0, P), device_first_pos)
 
     def run(c, lv, x, l, z, rows):
         ctx = _resume_ctx(cfg, base, tuple(make_edits(c)))
@@ -335,7 +339,7 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
     def vrun(a, b, l, x, z=None):
         """Block l for cells a..b; x: their residuals [b - a, ...], or None: the base run's (shared)."""
         rows = None if live is None else live[a:b]
-        lv = None if rows is None else jnp.asarray(rows)
+        lv = None if rows is None else this_device(rows)
         base_x = base.resid_pre[l][:, s0:]
         f = lambda c, lv, x: run(c, lv, base_x if x is None else x, l, z, rows)
         return jax.vmap(f, in_axes=(0, None if lv is None else 0, None if x is None else 0))(part(a, b), lv, x)
@@ -368,7 +372,7 @@ def resume_cells(params, cfg: Config, base: Base, make_edits, cells, counts: tup
 
     if not inside:
         return jax.vmap(lambda c: read(c, None, None))(cells)
-    lv = None if live is None else jnp.asarray(live[:, np.asarray(inside) - s0])
+    lv = None if live is None else this_device(live[:, np.asarray(inside) - s0])
     return jax.vmap(read, in_axes=(0, 0, None if lv is None else 0))(cells, x, lv)
 
 

@@ -37,7 +37,7 @@ from jinterp import metrics as M
 from jinterp.distributed import sweep_mesh, to_host
 from jinterp.engine.flops import packed_waste
 from jinterp.engine.plan import bytes_per_cell, chunk_budget, plan
-from jinterp.engine.stairs import slot_first_pos, small_groups, stair_plan
+from jinterp.engine.stairs import small_groups, stair_plan
 from jinterp.engine import traced
 from jinterp.engine.store import SweepStore, signature
 from jinterp.results import Labelled, label_grid
@@ -197,13 +197,14 @@ def _probe(params, base, cells, data, *, cfg, cell_fn, metric, positions, vocab)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cell_fn", "metric", "s0", "positions", "vocab", "counts",
                                              "first", "mesh", "first_pos"))
-def _run_stairs(params, base, cells, data, *, cfg, cell_fn, metric, s0, positions, vocab, counts, first, mesh=None,
-                first_pos=None):
+def _run_stairs(params, base, cells, data, device_first_pos=None, *, cfg, cell_fn, metric, s0, positions, vocab, counts,
+                first, mesh=None, first_pos=None):
     """One staircase chunk: collect every cell's edits, run them through arch.resume_cells (cells
     ordered by start layer, `counts` per layer; first_pos: each cell's first position, to pack their
-    rows), and give each cell function its logits back."""
+    rows; on a mesh every device's [devices, cells], with device_first_pos the same split over the
+    devices), and give each cell function its logits back."""
 
-    def body(params, base, cells, data):
+    def body(params, base, cells, data, fp):
         args = (params, cfg, base, jnp.int32(first), s0, positions, metric, vocab)
 
         def make_edits(c):
@@ -211,18 +212,19 @@ def _run_stairs(params, base, cells, data, *, cfg, cell_fn, metric, s0, position
             cell_fn(c, data, r)
             return r.edits
 
-        rows = arch.resume_cells(params, cfg, base, make_edits, cells, counts, first, s0, positions, vocab, first_pos)
+        rows = arch.resume_cells(params, cfg, base, make_edits, cells, counts, first, s0, positions, vocab, first_pos,
+                                 device_first_pos=fp)
         P = base.tokens.shape[1]
         view = lambda r: arch.cells_view(r, cfg, P, s0, positions, vocab)
         return jax.vmap(lambda c, r: cell_fn(c, data, _Replay(view(r), *args)))(cells, rows)
 
     if mesh is None:
-        return body(params, base, cells, data)
+        return body(params, base, cells, data, None)
     from jax.sharding import PartitionSpec as PS
 
     rep, split = PS(), PS(mesh.axis_names[0])
-    return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, split, rep), out_specs=split, check_vma=False)(
-        params, base, cells, data
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, split, rep, split), out_specs=split, check_vma=False)(
+        params, base, cells, data, device_first_pos
     )
 
 
@@ -306,8 +308,8 @@ def sweep(
     layer; needs a cell function that asks for logits once); False: one program call per first
     layer; "auto": a staircase when those calls' matrix products would be small (stairs.small_groups).
     pack: a staircase packs the rows its cells re-run into one product per projection, each cell's from
-    its own first position (arch.resume_cells), so position buckets only save attention. On a mesh each
-    slot of the devices' slices runs from the earliest first position among its cells.
+    its own first position (arch.resume_cells), so position buckets only save attention. On a mesh
+    every device packs its own cells' rows (its products sized for the busiest device).
     mesh: a jax.sharding.Mesh whose first axis splits the cells (shard_map; None: one device), for
     a model held whole on every device (default: the one jinterp.distributed.split_sweeps set, if any).
     A model loaded with jinterp.load(..., mesh=) needs none: its sweeps run on its own mesh.
@@ -383,14 +385,8 @@ def sweep(
         chunks = plan(fl, fc, todo, cfg=cfg, batch=B, P=P, positions=positions, vocab=vocab, itemsize=itemsize,
                       buckets=buckets, unchanged_prefix=unchanged_prefix, chunk_size=chunk_size,
                       memory_budget=memory_budget, n_devices=n_dev)
-    packed = lambda ch: slot_first_pos(ch, first_pos, n_dev) if pack else None
-
-    def packed_cells(ch):  # each cell's rows as run, in the order of `starts` (layer by layer, all devices)
-        per, out, i = packed(ch), [], 0
-        for k in ch.counts:
-            out += list(per[i : i + k]) * n_dev
-            i += k
-        return out
+    # packing: each cell's first position, in the chunk's order ([devices, cells] on a mesh)
+    packed = lambda ch: first_pos[ch.order].reshape(n_dev, -1) if pack else None
 
     if stats is not None:  # what engine/flops.py needs to count the work
         stats.update(from_z=bool(sites) and arch.from_attention_mixes(cfg, sites), batch=B, P=P, positions=positions,
@@ -399,7 +395,8 @@ def sweep(
                          dict(s0=ch.s0,
                               starts=[(ch.first + i, k * n_dev) for i, k in enumerate(ch.counts)] if stairs
                               else [(ch.layer, ch.size)],
-                              packed=packed_cells(ch) if stairs and pack else None) for ch in chunks])
+                              packed=None if packed(ch) is None else packed(ch).tolist(), counts=ch.counts)
+                         for ch in chunks])
 
     bar = None
     if progress and len(chunks) > 1 and jax.process_index() == 0:  # one bar, in process 0
@@ -411,8 +408,12 @@ def sweep(
         static = dict(cfg=cfg, cell_fn=cell_fn, metric=metric, s0=ch.s0, positions=positions, vocab=vocab, mesh=mesh)
         if stairs:
             chunk = {k: v[ch.order] for k, v in cells.items()}
+            fp = packed(ch)
             args = (model.params, base, chunk, data)
-            static.update(counts=ch.counts, first=ch.first, first_pos=packed(ch))
+            if mesh is not None:  # each device's own first positions, as data
+                args += (np.zeros(len(ch.order), np.int32) if fp is None else fp.reshape(-1).astype(np.int32),)
+            static_fp = None if fp is None else tuple(map(tuple, fp.tolist())) if mesh is not None else tuple(fp[0].tolist())
+            static.update(counts=ch.counts, first=ch.first, first_pos=static_fp)
             if stats is None:
                 out = traced.call(_run_stairs, args, static)
             else:  # XLA's own count (a staircase has no loops, so its count is exact), from the program run

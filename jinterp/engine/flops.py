@@ -88,26 +88,37 @@ def minimum_for(cfg, stats: dict) -> int:
 
 def performed_flops(cfg, stats: dict) -> int:
     """FLOPs a sweep performed, from the record `sweep(..., stats={})` fills: its chunks as planned
-    (padding included), the rows each re-ran, the keys attention read, and the logits it computed."""
+    (padding included), the rows each re-ran, the keys attention read, and the logits it computed.
+    A packed chunk's products run each cell's rows from its own first position; on a mesh every
+    device's products are as large as the busiest device's (arch/packing.py)."""
     B, P, L = stats["batch"], stats["P"], cfg.n_layers
     positions, V = stats["positions"], stats["n_vocab"]
     read = np.arange(P) if positions is None else np.asarray(positions)
     total = forward_flops(cfg, B, P)  # the base run
     for ch in stats["chunks"]:
         s0 = ch["s0"]
-        rows = P - s0
-        n_in = int((read >= s0).sum())
-        last_q = n_in if positions is not None else rows
-        # cells as (first layer, first position); unpacked, every cell computes every row from s0
-        layers = [start for start, n in ch["starts"] for _ in range(n)]
-        firsts = ch.get("packed") or [s0] * len(layers)
-        for start, p in zip(layers, firsts):
-            p = max(p, s0)
-            live, live_last = P - p, (int((read >= p).sum()) if positions is not None else P - p)
-            for l in range(start, L):
-                q, lq = (last_q, live_last) if l == L - 1 else (rows, live)
-                from_z = l == start and stats["from_z"] and l < L - 1  # resumed from the base run's mixes
-                # projections and MLP on the live rows, scores and mixes for every query row from s0
-                total += B * _block(cfg, lq, live, q * P, from_z)
-            total += B * 2 * cfg.d_model * V * len(read)
+        q_all = int((read >= s0).sum()) if positions is not None else P - s0  # query rows of the last block
+        starts = np.asarray([l for l, _ in ch["starts"]])
+        if ch.get("packed") is None:  # every cell computes every row from s0: one device's worth
+            slot_start = np.repeat(starts, [n for _, n in ch["starts"]])
+            first = np.full((1, len(slot_start)), s0)
+        else:  # [devices, cells per device], each device's slice in start-layer order
+            slot_start = np.repeat(starts, ch["counts"])
+            first = np.maximum(np.asarray(ch["packed"]), s0)
+        n_dev = len(first)
+        live = P - first
+        live_last = (read[None, None] >= first[..., None]).sum(-1) if positions is not None else live
+        for l in range(int(slot_start.min()), L) if len(slot_start) else ():
+            active = slot_start <= l
+            # cells starting here resume from the base run's attention mixes (output projection and MLP only)
+            split = stats["from_z"] and l < L - 1
+            for group, from_z in (((active & (slot_start == l), True), (active & (slot_start < l), False)) if split
+                                  else ((active, False),)):
+                n = int(group.sum())
+                if not n:
+                    continue
+                q_rows = (live_last if l == L - 1 else live)[:, group].sum(1)
+                pairs = n_dev * n * (q_all if l == L - 1 else P - s0) * P  # attention: every row from s0
+                total += B * _block(cfg, n_dev * int(q_rows.max()), n_dev * int(live[:, group].sum(1).max()), pairs, from_z)
+        total += B * 2 * cfg.d_model * V * len(read) * n_dev * len(slot_start)
     return int(total)

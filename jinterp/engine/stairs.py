@@ -89,20 +89,25 @@ def stair_plan(first_layer, first_pos, todo, *, P: int, n_layers: int, cap: int,
 
 
 def _chunk(idx, fl, fc, s0, n_layers, n_dev):
-    """Cells of one start layer are dealt to the devices in order of first position, so one slot of every
-    device's slice holds cells of about the same first position (a packed program on a mesh runs each
-    slot from the earliest of them, see slot_first_pos); pads repeat the layer's last cell."""
+    """A start layer's cells are dealt to the devices in order of first position, back and forth (0..n-1,
+    then n-1..0, continuing over the layers), so every device gets about as many rows to re-run at every
+    layer (a packed program on a mesh sizes its products for the busiest device); pads repeat the
+    layer's last cell."""
     first = int(fl[idx].min())
     by_layer = [c[np.argsort(fc[c], kind="stable")] for c in (idx[fl[idx] == l] for l in range(first, n_layers))]
     counts = tuple(-(-len(c) // n_dev) for c in by_layer)
-    order, real = [], []
-    for d in range(n_dev):
-        for c, k in zip(by_layer, counts):
-            mine = c[d::n_dev]
-            pad = k - len(mine)
-            order.extend(mine.tolist() + ([int(c[-1])] * pad if pad else []))
-            real.extend([True] * len(mine) + [False] * pad)
-    return StairChunk(s0, first, counts, np.asarray(order, np.int64), np.asarray(real, bool))
+    dealt, n = [], 0  # per layer: [k, devices] cell indices and whether each is real (not a pad); n: slots so far
+    for c, k in zip(by_layer, counts):
+        cell, real = np.full(k * n_dev, c[-1] if len(c) else 0, np.int64), np.arange(k * n_dev) < len(c)
+        cell[: len(c)] = c
+        cell, real = cell.reshape(k, n_dev), real.reshape(k, n_dev)
+        back = (n + np.arange(k)) % 2 == 1  # the direction alternates over the chunk's slots, layers included
+        cell[back], real[back] = cell[back, ::-1], real[back, ::-1]
+        dealt.append((cell, real))
+        n += k
+    order = [cell[:, d] for d in range(n_dev) for cell, _ in dealt]
+    real = [r[:, d] for d in range(n_dev) for _, r in dealt]
+    return StairChunk(s0, first, counts, np.concatenate(order).astype(np.int64), np.concatenate(real))
 
 
 def small_groups(first_layer, first_pos, todo, *, P: int, batch: int, buckets: bool = True, unchanged_prefix: int = 0,
@@ -121,9 +126,3 @@ def small_groups(first_layer, first_pos, todo, *, P: int, batch: int, buckets: b
     rows = cnt[inv] * batch * (P - s0)
     return float(rows.mean()) < min_rows
 
-
-def slot_first_pos(chunk: StairChunk, first_pos, n_devices: int = 1) -> tuple:
-    """The first position each slot of a device's slice re-runs from: every device runs the same program,
-    so a slot starts at the earliest first position any device holds there (rows between that and a
-    cell's own first position re-run unchanged values: still exact)."""
-    return tuple(int(p) for p in np.asarray(first_pos)[chunk.order].reshape(n_devices, -1).min(0))
