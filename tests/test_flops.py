@@ -42,6 +42,14 @@ def test_counts_agree_with_xla(tmp_path):
         performed = flops.performed_flops(cfg, st) - flops.forward_flops(cfg, 3, 8)
         assert performed <= sum(st["xla_flops"]) <= 1.25 * performed
         assert flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st) > 1.2
+        # one program call per first layer (scanned blocks: XLA counts a loop body once, so no cross-check):
+        # at least the minimum, at most every cell re-running every layer at every position
+        st = {}
+        np.testing.assert_allclose(fn(m, corr, cache, metric, progress=False, stairs=False, stats=st).values, packed,
+                                   atol=2e-5)
+        n_cells = sum(n for ch in st["chunks"] for _, n in ch["starts"])
+        assert 1 <= flops.performed_flops(cfg, st) / flops.minimum_for(cfg, st)
+        assert flops.performed_flops(cfg, st) <= (n_cells + 1) * flops.forward_flops(cfg, 3, 8)
 
 
 @pytest.mark.slow  # eight programs, one per bucket

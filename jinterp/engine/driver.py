@@ -395,7 +395,8 @@ def sweep(
                          dict(s0=ch.s0,
                               starts=[(ch.first + i, k * n_dev) for i, k in enumerate(ch.counts)] if stairs
                               else [(ch.layer, ch.size)],
-                              packed=None if packed(ch) is None else packed(ch).tolist(), counts=ch.counts)
+                              packed=None if packed(ch) is None else packed(ch).tolist(),
+                              counts=ch.counts if stairs else None)
                          for ch in chunks])
 
     bar = None
