@@ -163,3 +163,70 @@ def test_loading_peak_memory(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["model"] > 100e6
     assert got["peak"] <= 1.2 * got["model"] + 16e6, got
+
+
+@pytest.fixture(scope="module")
+def on_mesh(saved):
+    """The llama model sharded data=2 x model=4 and on one device, two token batches and a metric."""
+    d, ref = saved["llama"]
+    rs = np.random.RandomState(1)
+    toks, corr = rs.randint(0, V, (2, 6)), rs.randint(0, V, (2, 6))
+    return jinterp.load(d, tokenizer=False, mesh=mesh((2, 4))), ref, toks, corr, metrics.logit_diff(rs.randint(0, V, (2, 2)))
+
+
+def close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.slow  # ~20 sweep programs partitioned over the mesh (about a minute)
+def test_every_recipe_on_a_sharded_model(on_mesh):
+    """Every patching recipe (the three `*_every` groups, head ablation, path patching, back-patching)
+    on sharded parameters gives the single-device numbers."""
+    from jinterp import path_patching
+
+    m, ref, toks, corr, metric = on_mesh
+    _, c_ref = ref.run_with_cache(toks)
+    _, c_m = m.run_with_cache(toks)
+    for group in (patching.block_every, patching.attn_head_all_pos_every, patching.attn_head_by_pos_every):
+        got, want = group(m, corr, c_m, metric, progress=False), group(ref, corr, c_ref, metric, progress=False)
+        assert list(got) == list(want)
+        for k in want:
+            close(got[k].values, want[k].values)
+    close(patching.head_ablation(m, toks, metric, progress=False).values,
+          patching.head_ablation(ref, toks, metric, progress=False).values)
+    close(path_patching.path_patching(m, toks, corr, metric, progress=False).values,
+          path_patching.path_patching(ref, toks, corr, metric, progress=False).values)
+    bp = lambda model: patching.back_patching(model, toks, metric=metric, progress=False).metric.values
+    close(bp(m), bp(ref))
+
+
+def test_dictionaries_and_das_on_a_sharded_model(on_mesh):
+    """On sharded parameters, a spliced sparse dictionary (reconstruction, features, their attribution)
+    and DAS (patched logits, and a short fit) give the single-device numbers."""
+    import jax.numpy as jnp
+
+    from jinterp import saes
+    from jinterp.saes import splicing
+    from jinterp.train import das
+
+    m, ref, toks, corr, metric = on_mesh
+    r = np.random.default_rng(0)
+    sae = saes.Dictionary(W_enc=jnp.asarray(r.normal(0, 0.3, (32, 48)), jnp.float32),
+                          W_dec=jnp.asarray(r.normal(0, 0.1, (48, 32)), jnp.float32),
+                          b_dec=jnp.zeros(32, jnp.float32), b_enc=jnp.asarray(r.normal(-0.1, 0.1, 48), jnp.float32),
+                          architecture="standard", site="hook_resid_post", layer=0)
+    close(m(toks, edits=[splicing.splice(sae, keep_error=False)]), ref(toks, edits=[splicing.splice(sae, keep_error=False)]))
+    (_, f_m), (_, f_ref) = splicing.run_with_features(m, toks, [sae]), splicing.run_with_features(ref, toks, [sae])
+    for k in f_ref:
+        close(f_m[k], f_ref[k])
+    close(splicing.feature_attribution(m, sae, toks, metric), splicing.feature_attribution(ref, sae, toks, metric))
+
+    basis = np.linalg.qr(r.normal(size=(1, 32, 2)))[0].astype(np.float32)
+    close(das.patched_logits(m, toks, corr, basis, site="hook_resid_post", layers=[1], pos=[3]),
+          das.patched_logits(ref, toks, corr, basis, site="hook_resid_post", layers=[1], pos=[3]))
+    rs = np.random.RandomState(2)
+    base, src, labels = rs.randint(0, V, (16, 6)), rs.randint(0, V, (16, 6)), rs.randint(0, V, 16)
+    kw = dict(site="hook_resid_post", layers=[1], pos=-1, steps=3, batch_size=8, seed=0, progress=False)
+    got, want = das.fit(m, base, src, labels, **kw), das.fit(ref, base, src, labels, **kw)
+    np.testing.assert_allclose(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.basis, want.basis, atol=1e-4)
