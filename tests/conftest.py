@@ -31,7 +31,8 @@ def _bounded_jax_caches():
     30k maps where the limit is higher (about 3.5 GB of resident memory here)."""
     yield
     try:
-        limit = int(open("/proc/sys/vm/max_map_count").read())
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
     except (OSError, ValueError):
         limit = 65530
     with warnings.catch_warnings():
