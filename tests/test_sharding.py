@@ -200,6 +200,7 @@ def test_every_recipe_on_a_sharded_model(on_mesh):
     close(bp(m), bp(ref))
 
 
+@pytest.mark.slow  # ~25 s of SPMD compiles (a DAS fit among them); the default run keeps the entry points above
 def test_dictionaries_and_das_on_a_sharded_model(on_mesh):
     """On sharded parameters, a spliced sparse dictionary (reconstruction, features, their attribution)
     and DAS (patched logits, and a short fit) give the single-device numbers."""
