@@ -27,8 +27,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 def _bounded_jax_caches():
     """Modules share compiled programs (the same tiny configs recur), but a long run would otherwise keep
     so many alive that the process nears vm.max_map_count, where XLA:CPU aborts (BUILD_NOTES): after a
-    module, clear JAX's caches once the process holds half the limit (about every dozen modules), or
-    33k maps where the limit is higher (about 4 GB of resident memory here)."""
+    module, clear JAX's caches once the process holds 40% of the limit (about every ten modules), or
+    26k maps where the limit is higher (about 3.5 GB of resident memory here)."""
     yield
     try:
         with open("/proc/sys/vm/max_map_count") as f:
@@ -37,7 +37,7 @@ def _bounded_jax_caches():
         limit = 65530
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compile_cache.guard_map_count(share=min(0.5, 33_000 / limit))
+        compile_cache.guard_map_count(share=min(0.4, 26_000 / limit))
     gc.collect()
 
 
