@@ -350,8 +350,7 @@ def sweep(
                          dict(s0=ch.s0,
                               starts=[(ch.first + i, k * n_dev) for i, k in enumerate(ch.counts)] if stairs
                               else [(ch.layer, ch.size)],
-                              packed=None if packed(ch) is None else packed(ch).tolist(),
-                              counts=ch.counts if stairs else None)
+                              packed=packed(ch).tolist() if pack else None, counts=ch.counts if stairs else None)
                          for ch in chunks])
 
     bar = None
@@ -364,11 +363,14 @@ def sweep(
         static = dict(cfg=cfg, cell_fn=cell_fn, metric=metric, s0=ch.s0, positions=positions, vocab=vocab, mesh=mesh)
         if stairs:
             chunk = {k: v[ch.order] for k, v in cells.items()}
-            fp = packed(ch)
+            fp = packed(ch)  # [devices, cells] or None
             args = (model.params, base, chunk, data)
-            if mesh is not None:  # each device's own first positions, as data
+            static_fp = None
+            if mesh is not None:  # each device's own first positions as data, every device's as static
                 args += (np.zeros(len(ch.order), np.int32) if fp is None else fp.reshape(-1).astype(np.int32),)
-            static_fp = None if fp is None else tuple(map(tuple, fp.tolist())) if mesh is not None else tuple(fp[0].tolist())
+                static_fp = None if fp is None else tuple(map(tuple, fp.tolist()))
+            elif fp is not None:
+                static_fp = tuple(fp[0].tolist())
             static.update(counts=ch.counts, first=ch.first, first_pos=static_fp)
             if stats is None:
                 out = traced.call(_run_stairs, args, static)
